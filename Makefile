@@ -8,7 +8,7 @@ EXTRAS ?= test,bm25,serve,mteb
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.negatron-installed
 
-.PHONY: install quickstart test test-fast bench clean
+.PHONY: install quickstart test test-fast bench clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ install: $(STAMP)
 quickstart: install
 	$(BIN)/negatron quickstart
 
-test: install
+# Headless Chromium for the report screenshot test; best effort (needs root and apt-get), tests skip without it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
+	  echo "chromium not installed; the report screenshot test will be skipped"
+
+test: install browser
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install

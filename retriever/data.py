@@ -347,6 +347,8 @@ def iter_training_jsonl(path: str | os.PathLike, corpus: Corpus | None = None) -
                 raise DataError(path, lineno, "no positives", "every training query needs at least one positive")
             neg, neg_ids = _texts_or_ids(path, lineno, obj, neg_key, corpus)
             pos_scores, neg_scores = obj.get("pos_scores"), obj.get("neg_scores")
+            if pos_scores is not None and len(pos_scores) != len(pos):
+                raise DataError(path, lineno, f"{len(pos_scores)} pos_scores for {len(pos)} positives", "give one score per positive")
             if neg_scores is not None and len(neg_scores) != len(neg):
                 raise DataError(path, lineno, f"{len(neg_scores)} neg_scores for {len(neg)} negatives", "give one score per negative")
             yield TrainingExample(query=query, positives=pos, negatives=neg, query_id=obj.get("query_id", obj.get("qid")),

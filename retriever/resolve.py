@@ -54,7 +54,8 @@ def _mpnet() -> Path:
 def _model_root(folder: Path) -> Path:
     if (folder / "config.json").exists():
         return folder
-    for cfg in sorted(folder.rglob("config.json")):
+    # Shallowest first: a sentence-transformers folder also holds 1_Pooling/config.json.
+    for cfg in sorted(folder.rglob("config.json"), key=lambda p: (len(p.parts), str(p))):
         return cfg.parent
     raise FileNotFoundError(f"no config.json under {folder}")
 

@@ -1,0 +1,108 @@
+"""negatron encode vs sentence-transformers ``SentenceTransformer.encode`` on SciFact (title + text),
+same model (all-MiniLM-L6-v2), same max length (256), same process and threads.
+
+Prints a Markdown table: docs/s, speed-up, min/mean cosine to the fp32 sentence-transformers
+embeddings, and the fraction of the machine's measured bf16 (and fp32) matmul peak reached.
+
+    python bench/encode_speed.py --data ../shared/data/beir/scifact [--stride 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.matmul(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def encoder_flops(config, token_counts: np.ndarray) -> float:
+    """Useful FLOPs: 2 x (non-embedding params) per token + attention scores and mixing (4 x seq x d per token per layer)."""
+    d, layers, ffn = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    per_token_params = layers * (4 * d * d + 2 * d * ffn)
+    seq = token_counts.astype(np.float64)
+    return float(np.sum(seq * (2 * per_token_params + 4 * layers * seq * d)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/beir/scifact")
+    ap.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+    ap.add_argument("--stride", type=int, default=1, help="take every n-th document (1 = the whole corpus)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from sentence_transformers import SentenceTransformer
+
+    from index.encode import encode_texts
+    from retriever.data import Corpus
+    from retriever.modeling import BiEncoder
+    from retriever.resolve import resolve_model
+
+    corpus = Corpus(args.data / "corpus.jsonl")
+    texts = corpus.texts(range(0, len(corpus), args.stride))
+    path = resolve_model(args.model)
+    st = SentenceTransformer(path, device="cpu")
+    st.max_seq_length = args.max_length
+    ours = BiEncoder.from_pretrained(path, doc_max_length=args.max_length)
+    tokens = np.array([len(x) for x in st.tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]])
+    flops = encoder_flops(ours.query_model.config, tokens)
+
+    rows = []
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        emb = fn()
+        seconds = time.perf_counter() - t
+        rows.append({"system": name, "seconds": seconds, "docs_per_s": len(texts) / seconds, "emb": emb})
+        print(f"{name}: {len(texts) / seconds:.1f} docs/s", flush=True)
+        return emb
+
+    ref = timed("sentence-transformers encode (fp32)",
+                lambda: st.encode(texts, batch_size=args.batch_size, normalize_embeddings=True, convert_to_numpy=True))
+    timed("negatron encode (bf16 autocast, default)",
+          lambda: encode_texts(ours, texts, kind="document", batch_size=args.batch_size))
+    timed("negatron encode --fp32", lambda: encode_texts(ours, texts, kind="document", batch_size=args.batch_size, bf16=False))
+    peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
+
+    base = rows[0]["docs_per_s"]
+    out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+           f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}",
+           "docs": len(texts), "mean_tokens": float(tokens.mean()), "gflop_per_doc": flops / len(texts) / 1e9,
+           "peak_bf16_gflops": peak_bf16 / 1e9, "peak_fp32_gflops": peak_fp32 / 1e9, "rows": []}
+    print(f"\n{len(texts)} docs, mean {tokens.mean():.0f} tokens, {flops / len(texts) / 1e9:.2f} GFLOP/doc; "
+          f"matmul peak bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} GFLOP/s\n")
+    print("| system | docs/s | speed-up | min cosine to fp32 ST | mean cosine | % of bf16 peak | % of fp32 peak |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        cos = np.sum(r["emb"] * ref, axis=1) / (np.linalg.norm(r["emb"], axis=1) * np.linalg.norm(ref, axis=1))
+        achieved = flops / r["seconds"]
+        r.update(min_cos=float(cos.min()), mean_cos=float(cos.mean()), speedup=r["docs_per_s"] / base,
+                 frac_bf16_peak=achieved / peak_bf16, frac_fp32_peak=achieved / peak_fp32)
+        print(f"| {r['system']} | {r['docs_per_s']:.1f} | {r['speedup']:.2f}x | {r['min_cos']:.5f} | {r['mean_cos']:.6f} | "
+              f"{100 * r['frac_bf16_peak']:.1f}% | {100 * r['frac_fp32_peak']:.1f}% |")
+        out["rows"].append({k: v for k, v in r.items() if k != "emb"})
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

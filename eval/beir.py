@@ -1,0 +1,140 @@
+"""Dense retrieval evaluation on BEIR folders: encode, search exactly, score with pytrec_eval.
+
+Writes ``<output>/<dataset>/metrics.json``, ``run.trec`` and ``per_query.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from eval.metrics import DEFAULT_METRICS, compute_metrics, drop_identical_ids, run_from_arrays, write_trec_run
+
+logger = logging.getLogger(__name__)
+ENCODE_BLOCK = 16_384  # documents encoded and searched per step; bounds memory on big corpora
+
+
+def load_model(model, **overrides):
+    """A BiEncoder from a BiEncoder, a path or a model name."""
+    from retriever.modeling import BiEncoder
+
+    if isinstance(model, BiEncoder):
+        return model
+    return BiEncoder.from_pretrained(str(model), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def encode_texts(model, texts: Sequence[str], kind: str, batch_size: int = 64, bf16: bool | None = None) -> np.ndarray:
+    """Float32 embeddings through the fast encoder in ``index.encode`` when it is installed,
+    else ``BiEncoder.encode``."""
+    try:
+        from index.encode import encode_texts as fast_encode
+    except ImportError:
+        return model.encode(list(texts), kind=kind, batch_size=batch_size, bf16=bf16)
+    return fast_encode(model, list(texts), kind, batch_size, bf16)
+
+
+def dense_search(model, corpus, query_texts: Sequence[str], k: int, batch_size: int = 64, bf16: bool | None = None,
+                 index_dir=None, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(scores, rows, doc_ids) of the exact top-``k`` for each query.
+
+    Without ``index_dir`` the corpus is encoded ``ENCODE_BLOCK`` documents at a time and each block
+    is merged into a running top-k, so only one block of embeddings is ever held. With it, a
+    prebuilt ``index.faiss_index.DenseIndex`` is searched instead.
+    """
+    from eval.search import TopK
+
+    timings = {} if timings is None else timings
+    start = time.perf_counter()
+    q_emb = encode_texts(model, query_texts, "query", batch_size, bf16)
+    timings["encode_queries_s"] = time.perf_counter() - start
+    if index_dir is not None:
+        from index.faiss_index import DenseIndex
+
+        start = time.perf_counter()
+        index = DenseIndex.load(index_dir)
+        scores, rows = index.search(q_emb, k)
+        timings["search_s"] = time.perf_counter() - start
+        return np.asarray(scores), np.asarray(rows), list(index.ids)
+    top = TopK(q_emb, k)
+    encode_s = search_s = 0.0
+    for begin in range(0, len(corpus), ENCODE_BLOCK):
+        rows = range(begin, min(begin + ENCODE_BLOCK, len(corpus)))
+        start = time.perf_counter()
+        block = encode_texts(model, corpus.texts(rows), "document", batch_size, bf16)
+        encode_s += time.perf_counter() - start
+        start = time.perf_counter()
+        top.add(block)
+        search_s += time.perf_counter() - start
+        logger.info("searched %d/%d documents", rows.stop, len(corpus))
+    timings["encode_corpus_s"], timings["search_s"] = encode_s, search_s
+    scores, rows = top.result()
+    return scores, rows, corpus.ids
+
+
+def evaluate_run(name: str, split: str, model_name: str, queries: Mapping[str, str], qrels, run, *,
+                 num_docs: int, seconds: float, output_dir=None, metrics: Sequence[str] = DEFAULT_METRICS,
+                 relevance_level: int = 1, extra: dict | None = None) -> dict:
+    """Score ``run`` and write ``metrics.json``, ``run.trec``, ``per_query.jsonl`` under
+    ``output_dir/name``. Returns the metrics.json dict."""
+    from retriever.data import write_jsonl_atomic
+    from retriever.io import write_text_atomic
+
+    aggregate, per_query = compute_metrics(qrels, run, metrics=metrics, relevance_level=relevance_level)
+    result = {
+        "dataset": name,
+        "split": split,
+        "model": model_name,
+        "metrics": aggregate,
+        "num_queries": len(per_query),
+        "num_docs": num_docs,
+        "seconds": round(seconds, 3),
+        "relevance_level": relevance_level,
+        **(extra or {}),
+    }
+    if output_dir is not None:
+        out = Path(output_dir) / name
+        out.mkdir(parents=True, exist_ok=True)
+        # identical ids dropped here too, so trec_eval on run.trec reproduces metrics.json
+        write_trec_run(out / "run.trec", drop_identical_ids({q: run.get(q, {}) for q in queries}))
+        write_jsonl_atomic(out / "per_query.jsonl", ({"query_id": q, **v} for q, v in per_query.items()))
+        write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def evaluate_corpus(model, name: str, corpus, queries: Mapping[str, str], qrels, *, split: str = "test",
+                    output_dir=None, k: int = 1000, batch_size: int = 64, bf16: bool | None = None,
+                    index_dir=None, metrics: Sequence[str] = DEFAULT_METRICS, relevance_level: int = 1) -> dict:
+    """Encode, search and score one corpus/queries/qrels triple (queries without judgements are skipped)."""
+    start = time.perf_counter()
+    model = load_model(model)
+    judged = {qid: text for qid, text in queries.items() if qid in qrels}
+    query_ids = list(judged)
+    timings: dict = {}
+    scores, rows, doc_ids = dense_search(model, corpus, [judged[q] for q in query_ids], k, batch_size, bf16,
+                                         index_dir=index_dir, timings=timings)
+    run = run_from_arrays(query_ids, doc_ids, scores, rows)
+    return evaluate_run(name, split, str(model.name or "model"), judged, {q: qrels[q] for q in query_ids}, run,
+                        num_docs=len(doc_ids), seconds=time.perf_counter() - start, output_dir=output_dir,
+                        metrics=metrics, relevance_level=relevance_level,
+                        extra={"k": k, "bf16": bf16 is not False,
+                               "timings": {key: round(v, 3) for key, v in timings.items()}})
+
+
+def evaluate_beir(model, data_dir, split: str = "test", output_dir=None, k: int = 1000, batch_size: int = 64,
+                  bf16: bool | None = None, index_dir=None, metrics: Sequence[str] = DEFAULT_METRICS) -> dict:
+    """Evaluate ``model`` (BiEncoder, path or name) on the BEIR folder ``data_dir``.
+
+    Document text is ``title + " " + text``; a retrieved document whose id equals the query id is
+    ignored; only queries judged in ``qrels/<split>.tsv`` are scored. Returns the metrics.json dict.
+    """
+    from retriever.data import load_beir
+
+    data = load_beir(data_dir, split)
+    return evaluate_corpus(model, data.name, data.corpus, data.queries, data.qrels, split=split,
+                           output_dir=output_dir, k=k, batch_size=batch_size, bf16=bf16, index_dir=index_dir,
+                           metrics=metrics)

@@ -1,0 +1,242 @@
+"""Fast inference-only encoding of corpora and queries.
+
+``encode_corpus`` streams a corpus shard by shard (rows ``[i*shard_size, (i+1)*shard_size)``), and
+within a shard tokenises once, sorts by token length (batches pad to their longest member, so sorting
+nearly removes padding), runs ``torch.inference_mode`` with bf16 autocast where the hardware has bf16,
+and writes each shard atomically. A killed run resumes: finished shards are skipped. Under torchrun,
+rank ``r`` of ``w`` takes shards ``r, r+w, ...``; whichever rank writes the last shard completes the
+manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from retriever.data import Corpus, DataError
+from retriever.io import atomic_write, write_text_atomic
+
+from index.store import FORMAT_VERSION, IDS, MANIFEST, EmbeddingStore, shard_name
+
+logger = logging.getLogger(__name__)
+
+# Keys that must match for a rerun to resume into an existing folder.
+_PLAN_KEYS = ("checkpoint_hash", "count", "dim", "dtype", "shard_size", "normalize", "corpus_bytes")
+
+
+def load_model(model, device: str | None = None):
+    """A :class:`~retriever.modeling.BiEncoder` from an instance, a path or a model name.
+
+    Loaded models go to this process's GPU when there is one (``LOCAL_RANK`` under torchrun)."""
+    from retriever.modeling import BiEncoder
+
+    if isinstance(model, BiEncoder):
+        return model
+    import torch
+
+    bi = BiEncoder.from_pretrained(str(model))
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return bi.to(device) if device else bi
+
+
+def bf16_supported(device) -> bool:
+    """bf16 autocast on CUDA GPUs with bf16 units, and on CPUs (oneDNN runs bf16 GEMMs even on AVX2-only
+    CPUs; docs/benchmarks/encoding.md has the measured speed and the cosine to fp32)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu"
+
+
+def model_fingerprint(model, kind: str = "document") -> str:
+    """A hash of the weights and settings that shape ``kind`` embeddings (16 hex digits).
+
+    Two folders with the same fingerprint were encoded by the same checkpoint with the same pooling,
+    normalisation, prefix and max length."""
+    import torch
+
+    h = hashlib.blake2b(digest_size=8)
+    prefix = model.query_prefix if kind == "query" else model.doc_prefix
+    max_len = model.query_max_length if kind == "query" else model.doc_max_length
+    h.update(json.dumps([model.pooling, model.normalize, prefix, max_len]).encode())
+    for name, tensor in model.tower(kind).state_dict().items():
+        h.update(name.encode())
+        t = tensor.detach().contiguous().cpu()
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _encode(model, texts: Sequence[str], kind: str, batch_size: int, bf16: bool, progress=None) -> np.ndarray:
+    """Float32 embeddings in input order: tokenise once, sort by token length, pad per batch."""
+    import torch
+
+    from retriever.modeling import autocast, pool
+
+    out = np.empty((len(texts), model.dim), dtype=np.float32)
+    if not len(texts):
+        return out
+    prefix = model.query_prefix if kind == "query" else model.doc_prefix
+    max_length = model.query_max_length if kind == "query" else model.doc_max_length
+    enc = model.tokenizer([prefix + t for t in texts], truncation=True, max_length=max_length)
+    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in enc]
+    order = np.argsort([-len(ids) for ids in enc["input_ids"]], kind="stable")
+    tower = model.tower(kind)
+    was_training = tower.training
+    tower.eval()
+    device = model.device
+    try:
+        with torch.inference_mode(), autocast(device, bf16):
+            for start in range(0, len(texts), batch_size):
+                idx = order[start:start + batch_size]
+                batch = model.tokenizer.pad({c: [enc[c][i] for i in idx] for c in columns}, return_tensors="pt")
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                hidden = tower(**batch).last_hidden_state
+                emb = pool(hidden.float(), batch["attention_mask"], model.pooling)
+                if model.normalize:
+                    emb = torch.nn.functional.normalize(emb, dim=-1)
+                out[idx] = emb.cpu().numpy()
+                if progress is not None:
+                    progress.update(len(idx))
+    finally:
+        tower.train(was_training)
+    return out
+
+
+def encode_texts(model, texts: Sequence[str], kind: str = "query", batch_size: int = 64,
+                 bf16: bool | None = None) -> np.ndarray:
+    """Float32 ``[len(texts), dim]`` embeddings of ``texts`` as queries or documents."""
+    if kind not in ("query", "document"):
+        raise ValueError(f"kind must be 'query' or 'document', not {kind!r}")
+    model = load_model(model)
+    bf16 = bf16_supported(model.device) if bf16 is None else bf16
+    return _encode(model, list(texts), kind, batch_size, bf16)
+
+
+def _rank_world() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _open_corpus(corpus) -> Corpus:
+    if isinstance(corpus, Corpus):
+        return corpus
+    from index.bm25 import resolve_corpus_path
+
+    return Corpus(resolve_corpus_path(corpus))
+
+
+def encode_corpus(model, corpus, output_dir, *, batch_size: int = 64, bf16: bool | None = None,
+                  shard_size: int = 100_000, show_progress: bool = True, dtype: str = "float16",
+                  overwrite: bool = False) -> EmbeddingStore:
+    """Encode every document (``title + " " + text``) of ``corpus`` into ``output_dir``.
+
+    ``dtype`` is the on-disk precision (float16 halves disk and RAM; cosine to float32 > 0.9999).
+    ``bf16=None`` uses bf16 autocast where the device supports it; ``bf16=False`` computes in fp32.
+    Re-running with the same model and corpus resumes; a different model or corpus in an existing
+    folder is an error unless ``overwrite=True``.
+    """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be float16 or float32, not {dtype!r}")
+    if shard_size < 1:
+        raise ValueError("shard_size must be positive")
+    model = load_model(model)
+    corpus = _open_corpus(corpus)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world = _rank_world()
+    bf16 = bf16_supported(model.device) if bf16 is None else bf16
+    count = len(corpus)
+    plan = {
+        "format_version": FORMAT_VERSION,
+        "model": model.name or "unnamed",
+        "checkpoint_hash": model_fingerprint(model, "document"),
+        "kind": "document",
+        "dim": model.dim,
+        "count": count,
+        "dtype": dtype,
+        "normalize": bool(model.normalize),
+        "pooling": model.pooling,
+        "max_length": model.doc_max_length,
+        "shard_size": int(shard_size),
+        "num_shards": (count + shard_size - 1) // shard_size,
+        "corpus": str(Path(corpus.path).resolve()),
+        "corpus_bytes": Path(corpus.path).stat().st_size,
+        "bf16": bool(bf16),
+    }
+    manifest_path = out / MANIFEST
+    if manifest_path.exists() and not overwrite:
+        old = json.loads(manifest_path.read_text())
+        diff = [k for k in _PLAN_KEYS if old.get(k) != plan[k]]
+        if diff:
+            raise DataError(manifest_path, None,
+                            f"folder holds embeddings of a different run ({', '.join(f'{k}: {old.get(k)!r} vs {plan[k]!r}' for k in diff)})",
+                            "choose a new --output folder, or pass --overwrite to replace it")
+        created = old.get("created")
+    else:
+        if overwrite:
+            for stale in out.glob("shard-*.npy"):
+                stale.unlink()
+        created = None
+    plan["created"] = created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if rank == 0 and not (manifest_path.exists() and not overwrite):
+        write_text_atomic(out / IDS, "".join(f"{i}\n" for i in corpus.ids))
+        write_text_atomic(manifest_path, json.dumps({**plan, "complete": False}, indent=2) + "\n")
+
+    mine = [i for i in range(plan["num_shards"]) if i % world == rank]
+    todo = [i for i in mine if not (out / shard_name(i)).exists()]
+    if len(todo) < len(mine):
+        logger.info("resuming: %d of %d shards already done in %s", len(mine) - len(todo), len(mine), out)
+    progress = None
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        total = sum(min(shard_size, count - i * shard_size) for i in todo)
+        progress = tqdm(total=total, unit="doc", desc=f"encode rank {rank}" if world > 1 else "encode", unit_scale=True)
+    started = time.perf_counter()
+    try:
+        for i in todo:
+            start, stop = i * shard_size, min((i + 1) * shard_size, count)
+            texts = [doc.full_text for doc in corpus[start:stop]]
+            emb = _encode(model, texts, "document", batch_size, bf16, progress).astype(dtype, copy=False)
+            with atomic_write(out / shard_name(i)) as fh:
+                np.save(fh, emb)
+    finally:
+        if progress is not None:
+            progress.close()
+    seconds = time.perf_counter() - started
+    if todo:
+        logger.info("encoded %d shards in %.1fs", len(todo), seconds)
+
+    try:
+        import torch.distributed as dist
+
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+    except ImportError:
+        pass
+    if all((out / shard_name(i)).exists() for i in range(plan["num_shards"])):
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else plan
+        if not manifest.get("complete"):
+            manifest.update(complete=True, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+        return EmbeddingStore.open(out)
+    if world == 1:
+        raise RuntimeError(f"{out}: shards are missing after encoding; re-run to resume")
+    return None  # type: ignore[return-value]  # other ranks still running; the last one completes the folder

@@ -1,0 +1,456 @@
+"""The mining service, in process: answer "give me hard negatives for these queries" from the current
+index while a background thread re-encodes the corpus with newer checkpoints.
+
+Versioning: each index the service has served gets a version number (1 = the index it started
+with). A refresh builds the next version under ``work_dir/v<N>/`` off to the side, then swaps one
+reference; a request reads that reference once, so it is answered entirely from one version, never
+fails because of a refresh, and reports which version answered. Files of superseded versions are
+deleted (the in-memory index stays alive for requests still using it); the starting index folder
+belongs to the user and is never deleted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, NamedTuple, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mining.filters import FILTER_NAMES, filter_candidates, sample_negatives
+from mining.miner import encode_texts
+
+logger = logging.getLogger(__name__)
+
+MAX_QUERIES_PER_REQUEST = 1024
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class MiningRequestError(ValueError):
+    """A request the service cannot answer (unknown query id, margin without positives, ...)."""
+
+    def __init__(self, message: str, status_code: int = 400):
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class MineRequest(BaseModel):
+    """One mining request: the same fields in process and over HTTP (``POST /v1/mine``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queries: list[str] | None = Field(None, description="query texts (or give query_ids)")
+    query_ids: list[str] | None = Field(None, description="ids of queries the service knows (from --corpus DATA)")
+    k: int = Field(100, ge=1, le=10_000, description="candidates retrieved per query")
+    exclude_ids: list[str] | list[list[str]] | None = Field(
+        None, description="doc ids never returned: one list for all queries, or one list per query")
+    positive_ids: list[list[str]] | None = Field(
+        None, description="positives per query: excluded, and their scores drive the margin filters")
+    range_min: int = Field(0, ge=0, description="first rank kept (0-based)")
+    range_max: int | None = Field(None, ge=1, description="ranks >= range_max are dropped (default k)")
+    num_negatives: int | None = Field(None, ge=1, description="negatives per query (default: all that pass)")
+    sampling: Literal["top", "random"] = "top"
+    relative_margin: float | None = Field(None, ge=0, lt=1)
+    absolute_margin: float | None = Field(None, ge=0)
+    with_texts: bool = False
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "MineRequest":
+        if (self.queries is None) == (self.query_ids is None):
+            raise ValueError("give exactly one of queries (texts) or query_ids")
+        items = self.queries if self.queries is not None else self.query_ids
+        if not items:
+            raise ValueError("the query list is empty")
+        if len(items) > MAX_QUERIES_PER_REQUEST:
+            raise ValueError(f"at most {MAX_QUERIES_PER_REQUEST} queries per request, got {len(items)}")
+        if any(not str(t).strip() for t in items):
+            raise ValueError("empty query text or id")
+        range_max = self.range_max if self.range_max is not None else self.k
+        if range_max > self.k:
+            raise ValueError(f"range_max ({range_max}) cannot exceed k ({self.k})")
+        if self.range_min >= range_max:
+            raise ValueError(f"range_min ({self.range_min}) must be below range_max ({range_max})")
+        per_query = self.exclude_ids is not None and len(self.exclude_ids) > 0 and isinstance(self.exclude_ids[0], list)
+        if per_query and len(self.exclude_ids) != len(items):
+            raise ValueError(f"exclude_ids has {len(self.exclude_ids)} lists for {len(items)} queries")
+        if self.positive_ids is not None and len(self.positive_ids) != len(items):
+            raise ValueError(f"positive_ids has {len(self.positive_ids)} lists for {len(items)} queries")
+        return self
+
+
+class Negative(NamedTuple):
+    doc_id: str
+    score: float
+    rank: int
+
+
+@dataclass
+class MineResult:
+    version: int
+    negatives: list[Negative]
+    query_id: str | None = None
+    query: str | None = None
+    texts: list[str] | None = None
+    positive_score: float | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "query_id": self.query_id, "query": self.query,
+                "negatives": [n._asdict() for n in self.negatives], "texts": self.texts,
+                "positive_score": self.positive_score, "dropped": self.dropped}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MineResult":
+        negs = [Negative(str(n["doc_id"]), float(n["score"]), int(n["rank"])) for n in data["negatives"]]
+        return cls(int(data["version"]), negs, data.get("query_id"), data.get("query"), data.get("texts"),
+                   data.get("positive_score"), dict(data.get("dropped") or {}))
+
+
+@dataclass
+class _IndexVersion:
+    version: int
+    index: object  # index.faiss_index.DenseIndex
+    model: object  # retriever.modeling.BiEncoder
+    model_path: str
+    checkpoint_step: int | None
+    folder: Path
+    owned: bool  # built by the service (deleted when superseded)
+    built_at: float
+    encode_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def find_newest_checkpoint(watch_dir: str | Path) -> tuple[int, Path] | None:
+    """The newest complete checkpoint under ``watch_dir``: a folder named ``step-<N>`` (directly inside
+    it or in its ``checkpoints/``) holding a sentence-transformers model (``modules.json``) or a negatron
+    two-tower model (``negatron.json``) at its root or in ``model/``. Returns (step, model folder)."""
+    watch_dir = Path(watch_dir)
+    best: tuple[int, Path] | None = None
+    for parent in (watch_dir, watch_dir / "checkpoints"):
+        if not parent.is_dir():
+            continue
+        for child in parent.iterdir():
+            match = _STEP_DIR.match(child.name)
+            if not match or not child.is_dir():
+                continue
+            for candidate in (child, child / "model"):
+                if (candidate / "modules.json").is_file() or (candidate / "negatron.json").is_file():
+                    step = int(match.group(1))
+                    if best is None or step > best[0]:
+                        best = (step, candidate)
+                    break
+    return best
+
+
+def _step_of(path: str | Path) -> int | None:
+    for part in reversed(Path(path).parts):
+        match = _STEP_DIR.match(part)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class MiningService:
+    """Hard negatives on demand from a FAISS index that follows the training run.
+
+    ``model`` is the bi-encoder that built ``index_dir`` (path or ``BiEncoder``). ``corpus`` is a
+    corpus file or a BEIR folder: needed for refreshes (re-encoding), texts in answers, and — from a
+    BEIR folder's ``queries.jsonl`` and ``qrels/<split>.tsv`` — query ids and their positives.
+    ``watch_dir`` is polled every ``poll_seconds`` for a newer ``step-<N>`` checkpoint;
+    ``refresh_every`` (minutes) re-encodes on a timer.
+    """
+
+    def __init__(self, index_dir: str | Path, model, corpus: str | Path | None = None,
+                 watch_dir: str | Path | None = None, refresh_every: float | None = None, device: str | None = None,
+                 *, queries: str | Path | dict | None = None, split: str = "train", work_dir: str | Path | None = None,
+                 poll_seconds: float = 10.0, batch_size: int = 64, bf16: bool | None = None):
+        from index.faiss_index import DenseIndex
+
+        from retriever.modeling import BiEncoder
+
+        self.device, self.batch_size, self.bf16 = device, batch_size, bf16
+        self.watch_dir = Path(watch_dir) if watch_dir else None
+        self.refresh_every = refresh_every
+        self.poll_seconds = poll_seconds
+        index_dir = Path(index_dir)
+        self.work_dir = Path(work_dir) if work_dir else index_dir.with_name(f"{index_dir.name}.versions")
+        self.corpus, self.queries, self.qrels = _load_service_data(corpus, queries, split)
+
+        if isinstance(model, BiEncoder):
+            bi, model_path = model, str(getattr(model, "name", None) or "")
+        else:
+            bi, model_path = BiEncoder.from_pretrained(model), str(model)
+        if device:
+            bi.to(device)
+        dense = DenseIndex.load(index_dir, expect_dim=bi.dim)
+        if self.corpus is not None and len(self.corpus) != dense.count:
+            raise MiningRequestError(f"the corpus has {len(self.corpus):,} documents but the index {index_dir} holds "
+                                     f"{dense.count:,}: pass the corpus the index was built from")
+        self._factory = str((dense.manifest or {}).get("factory", "Flat"))
+        self._current = _IndexVersion(1, dense, bi, model_path, _step_of(model_path) if model_path else None,
+                                      index_dir, False, time.time())
+        self._versions_seen = {1}
+        self._lock = threading.Lock()  # guards refresh start/finish bookkeeping, not reads
+        self._refresh_thread: threading.Thread | None = None
+        self._last_error: str | None = None
+        self._last_refresh: float | None = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        if self.watch_dir is not None or refresh_every:
+            if self.corpus is None:
+                raise MiningRequestError("refreshing needs the corpus to re-encode: pass corpus=")
+            self._watcher = threading.Thread(target=self._watch_loop, name="mining-watch", daemon=True)
+            self._watcher.start()
+
+    # ------------------------------------------------------------------ reads
+    @property
+    def version(self) -> int:
+        return self._current.version
+
+    @property
+    def versions_seen(self) -> set[int]:
+        return set(self._versions_seen)
+
+    def status(self) -> dict:
+        cur = self._current
+        return {
+            "version": cur.version,
+            "checkpoint_step": cur.checkpoint_step,
+            "model": cur.model_path,
+            "corpus_size": int(cur.index.count),
+            "index_dir": str(cur.folder),
+            "built_at": _iso(cur.built_at),
+            "last_refresh": _iso(self._last_refresh),
+            "refresh_in_progress": self.refreshing,
+            "last_error": self._last_error,
+            "watch_dir": str(self.watch_dir) if self.watch_dir else None,
+            "refresh_every_minutes": self.refresh_every,
+        }
+
+    @property
+    def refreshing(self) -> bool:
+        thread = self._refresh_thread
+        return thread is not None and thread.is_alive()
+
+    def mine(self, queries: Sequence[str] | None = None, query_ids: Sequence[str] | None = None, **options) -> list[MineResult]:
+        """Negatives for each query (texts, or ids known from the service's data), best rank first.
+
+        Options are the fields of :class:`MineRequest`: k, exclude_ids, positive_ids, range_min,
+        range_max, num_negatives, sampling, relative_margin, absolute_margin, with_texts, seed.
+        """
+        req = MineRequest(queries=list(queries) if queries is not None else None,
+                          query_ids=list(query_ids) if query_ids is not None else None, **options)
+        return self.mine_request(req)
+
+    def mine_request(self, req: MineRequest) -> list[MineResult]:
+        state = self._current  # one read: the whole request is answered from this version
+        texts, qids, positives = self._resolve_queries(req)
+        n = len(texts)
+        if isinstance(req.exclude_ids, list) and req.exclude_ids and isinstance(req.exclude_ids[0], list):
+            excludes = [set(e) for e in req.exclude_ids]
+        else:
+            excludes = [set(req.exclude_ids or [])] * n
+        wants_margin = req.relative_margin is not None or req.absolute_margin is not None
+        if wants_margin and not any(positives):
+            raise MiningRequestError("a margin filter needs positives: give positive_ids, or query_ids with qrels")
+        with state.encode_lock:  # HF fast tokenizers are not safe to share across threads
+            q_emb = encode_texts(state.model, texts, kind="query", batch_size=self.batch_size, bf16=self.bf16)
+            pos_scores = self._positive_scores(state, q_emb, positives) if wants_margin else [None] * n
+        scores, rows = state.index.search(q_emb, req.k)
+        ids = state.index.ids
+        rng = np.random.default_rng(req.seed)
+        range_max = req.range_max if req.range_max is not None else req.k
+        results = []
+        for i in range(n):
+            valid = rows[i] >= 0
+            cand_ids = [str(ids[r]) for r in rows[i][valid]]
+            cand_scores = np.asarray(scores[i][valid], dtype=np.float32)
+            filt = filter_candidates(cand_ids, cand_scores, exclude_ids=excludes[i] | set(positives[i]),
+                                     range_min=req.range_min, range_max=range_max, pos_score=pos_scores[i],
+                                     relative_margin=req.relative_margin, absolute_margin=req.absolute_margin)
+            chosen = filt.kept if req.num_negatives is None else sample_negatives(filt.kept, req.num_negatives, req.sampling, rng)
+            negs = [Negative(cand_ids[p], float(cand_scores[p]), int(p)) for p in chosen]
+            doc_texts = None
+            if req.with_texts:
+                if self.corpus is None:
+                    raise MiningRequestError("with_texts needs the service to know the corpus (start it with --corpus)")
+                doc_texts = [self.corpus.get(neg.doc_id).full_text for neg in negs]
+            results.append(MineResult(state.version, negs, qids[i] if qids else None, texts[i], doc_texts,
+                                      pos_scores[i], {k: v for k, v in filt.dropped.items() if k in FILTER_NAMES}))
+        return results
+
+    def _resolve_queries(self, req: MineRequest) -> tuple[list[str], list[str] | None, list[list[str]]]:
+        if req.query_ids is not None:
+            if self.queries is None:
+                raise MiningRequestError("query_ids need the service to know the queries: start it with a BEIR folder "
+                                         "as corpus, or pass queries=; or send query texts")
+            missing = [q for q in req.query_ids if q not in self.queries]
+            if missing:
+                raise MiningRequestError(f"unknown query ids {missing[:5]}", status_code=404)
+            texts, qids = [self.queries[q] for q in req.query_ids], list(req.query_ids)
+            judged = [[d for d, g in (self.qrels or {}).get(q, {}).items() if g > 0] for q in qids]
+        else:
+            texts, qids, judged = list(req.queries), None, [[] for _ in req.queries]
+        if req.positive_ids is not None:
+            judged = [list(p) for p in req.positive_ids]
+        return texts, qids, judged
+
+    def _positive_scores(self, state: _IndexVersion, q_emb: np.ndarray, positives: list[list[str]]) -> list[float | None]:
+        """Lowest positive score per query under the serving model (None without positives)."""
+        flat = [(i, d) for i, pos in enumerate(positives) for d in pos]
+        if not flat:
+            return [None] * len(positives)
+        if self.corpus is None:
+            raise MiningRequestError("margin filters need the corpus to embed the positives (start with --corpus)")
+        unknown = [d for _, d in flat if d not in self.corpus]
+        if unknown:
+            raise MiningRequestError(f"unknown positive ids {unknown[:5]}", status_code=404)
+        emb = encode_texts(state.model, self.corpus.texts(self.corpus.row(d) for _, d in flat), kind="document",
+                           batch_size=self.batch_size, bf16=self.bf16)
+        if (state.index.manifest or {}).get("metric") == "cosine":  # score as the index does
+            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            q_emb = q_emb / np.maximum(np.linalg.norm(q_emb, axis=1, keepdims=True), 1e-12)
+        out: list[float | None] = [None] * len(positives)
+        for (i, _), e in zip(flat, emb):
+            s = float(e @ q_emb[i])
+            out[i] = s if out[i] is None else min(out[i], s)
+        return out
+
+    # ------------------------------------------------------------------ refresh
+    def refresh(self, checkpoint_path: str | Path | None = None, block: bool = False) -> bool:
+        """Re-encode the corpus (with ``checkpoint_path``, default the current model) and swap the index in.
+
+        Returns False when a refresh is already running (nothing new is started). With ``block`` the
+        call waits and re-raises a failed build's error.
+        """
+        if self.corpus is None:
+            raise MiningRequestError("refreshing needs the corpus to re-encode: start the service with corpus=")
+        if checkpoint_path is not None and not Path(checkpoint_path).exists():
+            raise MiningRequestError(f"checkpoint {checkpoint_path} does not exist", status_code=404)
+        with self._lock:
+            if self.refreshing:
+                return False
+            errors: list[BaseException] = []
+            self._refresh_thread = threading.Thread(target=self._refresh_worker, args=(checkpoint_path, errors),
+                                                    name="mining-refresh", daemon=True)
+            self._refresh_thread.start()
+            thread = self._refresh_thread
+        if block:
+            thread.join()
+            if errors:
+                raise errors[0]
+        return True
+
+    def _refresh_worker(self, checkpoint_path, errors: list) -> None:
+        try:
+            self._rebuild(checkpoint_path)
+            self._last_error = None
+        except BaseException as exc:  # keep serving the old version; report the failure in status()
+            logger.exception("index refresh failed")
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            errors.append(exc)
+
+    def _rebuild(self, checkpoint_path) -> None:
+        from index.encode import encode_corpus
+        from index.faiss_index import DenseIndex
+
+        from retriever.modeling import BiEncoder
+
+        old = self._current
+        model_path = str(checkpoint_path) if checkpoint_path is not None else old.model_path
+        if not model_path:
+            raise MiningRequestError("the service was given a model object, so a refresh needs checkpoint_path")
+        version = max(self._versions_seen) + 1
+        folder = self.work_dir / f"v{version}"
+        shutil.rmtree(folder, ignore_errors=True)  # leftover of a crashed build
+        t0 = time.perf_counter()
+        model = BiEncoder.from_pretrained(model_path)
+        if self.device:
+            model.to(self.device)
+        store = encode_corpus(model, self.corpus, folder / "embeddings", batch_size=self.batch_size, bf16=self.bf16,
+                              show_progress=False)
+        DenseIndex.build(store, folder / "index", factory=self._factory, metric="ip")
+        dense = DenseIndex.load(folder / "index", expect_dim=model.dim)
+        step = _step_of(model_path) if checkpoint_path is not None else old.checkpoint_step
+        new = _IndexVersion(version, dense, model, model_path, step, folder, True, time.time())
+        with self._lock:
+            self._versions_seen.add(version)
+            self._current = new  # the swap: one reference assignment
+            self._last_refresh = time.time()
+        logger.info("index version %d (step %s) built in %.1f s", version, step, time.perf_counter() - t0)
+        self._cleanup(keep=folder)
+
+    def _cleanup(self, keep: Path) -> None:
+        if not self.work_dir.is_dir():
+            return
+        for child in self.work_dir.iterdir():
+            if child != keep and child.is_dir() and re.match(r"^v\d+$", child.name):
+                shutil.rmtree(child, ignore_errors=True)
+
+    def _watch_loop(self) -> None:
+        last_timer = time.monotonic()
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                if self.refreshing:
+                    continue
+                if self.watch_dir is not None:
+                    newest = find_newest_checkpoint(self.watch_dir)
+                    current = self._current.checkpoint_step
+                    if newest is not None and (current is None or newest[0] > current):
+                        logger.info("new checkpoint step %d at %s: refreshing", *newest)
+                        self.refresh(newest[1])
+                        last_timer = time.monotonic()
+                        continue
+                if self.refresh_every and time.monotonic() - last_timer >= self.refresh_every * 60:
+                    self.refresh()
+                    last_timer = time.monotonic()
+            except Exception:  # a bad checkpoint folder must not kill the watcher
+                logger.exception("checkpoint watcher")
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the watcher; with ``wait``, let a running refresh finish."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=self.poll_seconds + 5)
+        thread = self._refresh_thread
+        if wait and thread is not None:
+            thread.join()
+
+    def __enter__(self) -> "MiningService":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _load_service_data(corpus, queries, split):
+    """(Corpus | None, {qid: text} | None, qrels | None) from a BEIR folder or a corpus file."""
+    from retriever.data import Corpus, read_qrels, read_queries
+
+    docs = qmap = qrels = None
+    if corpus is not None:
+        corpus = Path(corpus)
+        if corpus.is_dir():
+            docs = Corpus(corpus / "corpus.jsonl")
+            if (corpus / "queries.jsonl").is_file():
+                qmap = read_queries(corpus / "queries.jsonl")
+            if (corpus / "qrels" / f"{split}.tsv").is_file():
+                qrels = read_qrels(corpus / "qrels" / f"{split}.tsv")
+        else:
+            docs = Corpus(corpus)
+    if isinstance(queries, dict):
+        qmap = dict(queries)
+    elif queries is not None:
+        qmap = read_queries(queries)
+    return docs, qmap, qrels

@@ -1,0 +1,247 @@
+"""Training configuration: YAML validated by pydantic, every section strict (``extra="forbid"``).
+
+Python API (stable, used by other modules):
+
+- ``load_config(path, overrides=()) -> TrainConfig``: read a YAML file, apply ``section.key=value``
+  overrides (values parsed as YAML scalars), resolve relative data paths, validate.
+- ``TrainConfig.model_validate(dict)``: validate a dict built in code (paths are taken as given).
+
+Relative data paths are resolved against the current working directory first and, when nothing exists
+there, against the parent of the config file's folder (``configs/x.yaml`` + ``../shared/data`` finds the
+data folder beside the repository from any working directory).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = ["ConfigError", "ModelConfig", "DataConfig", "NegativesConfig", "TrainingConfig", "TrainConfig",
+           "load_config", "apply_overrides"]
+
+
+class ConfigError(ValueError):
+    """A config file is invalid. The message names the file, the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    pooling: Literal["cls", "mean", "last-token"] | None = None  # None: what the checkpoint says
+    normalize: bool | None = None
+    shared: bool = True
+    query_prefix: str | None = None
+    doc_prefix: str | None = None
+    query_max_length: int = Field(64, gt=0)
+    doc_max_length: int = Field(256, gt=0)
+
+
+DATA_SOURCES = ("beir", "triples", "qrels", "jsonl", "hf")
+PATH_KEYS = ("beir", "triples", "queries", "qrels", "collection", "jsonl", "corpus", "hf")
+
+
+class DataConfig(_Strict):
+    """Exactly one source: ``beir`` (+ ``split``), ``triples``, ``qrels`` (+ ``queries`` + ``collection``),
+    ``jsonl`` (+ optional ``corpus`` for id resolution) or ``hf`` (+ ``hf_split``, ``columns``)."""
+
+    beir: str | None = None
+    split: str = "train"
+    triples: str | None = None
+    queries: str | None = None
+    qrels: str | None = None
+    collection: str | None = None
+    jsonl: str | None = None
+    corpus: str | None = None
+    hf: str | None = None
+    hf_split: str = "train"
+    columns: dict[str, str] | None = None
+    max_examples: int | None = Field(None, gt=0)
+    dev_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    dev_seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        chosen = [s for s in DATA_SOURCES if getattr(self, s) is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"give exactly one data source out of {', '.join(DATA_SOURCES)} (found "
+                             f"{', '.join(chosen) or 'none'})")
+        if chosen == ["qrels"] and (self.queries is None or self.collection is None):
+            raise ValueError("a qrels source also needs `queries` and `collection`")
+        if self.corpus is not None and chosen != ["jsonl"]:
+            raise ValueError("`corpus` resolves ids in a `jsonl` source; drop it or use `jsonl`")
+        if self.columns is not None and chosen != ["hf"]:
+            raise ValueError("`columns` maps a Hugging Face dataset's columns; use it with `hf`")
+        return self
+
+    @property
+    def source(self) -> str:
+        return next(s for s in DATA_SOURCES if getattr(self, s) is not None)
+
+
+class NegativesConfig(_Strict):
+    """``strategy`` names a registered :class:`retriever.negatives.NegativeStrategy`; ``options`` are
+    validated by that strategy's own ``Options`` model (also strict)."""
+
+    strategy: str = "inbatch"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _validate_options(self) -> "NegativesConfig":
+        from retriever.negatives import available_strategies, get_strategy
+
+        try:
+            cls = get_strategy(self.strategy)
+        except KeyError:
+            raise ValueError(_unknown_message("strategy", self.strategy, available_strategies())) from None
+        unknown = [k for k in self.options if k not in cls.Options.model_fields]
+        if unknown:
+            raise ValueError(_unknown_message(f"options of strategy {self.strategy!r}", unknown[0],
+                                              list(cls.Options.model_fields)))
+        # Round-trip so defaults become explicit in the run's config.yaml.
+        object.__setattr__(self, "options", cls.Options.model_validate(self.options).model_dump())
+        return self
+
+
+class TrainingConfig(_Strict):
+    learning_rate: float = Field(2e-5, gt=0)
+    batch_size: int = Field(32, gt=0, description="queries per optimizer micro-step on each process")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    grad_cache: bool = False
+    grad_cache_chunk_size: int = Field(32, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    temperature: float = Field(0.05, gt=0)
+    bf16: bool = False
+    seed: int = 42
+    num_threads: int | None = Field(None, gt=0, description="torch CPU threads; None keeps torch's default")
+    log_every: int = Field(10, gt=0)
+    save_every: int | None = Field(None, gt=0, description="checkpoint every N optimizer steps; None: only the final model")
+    keep_last: int = Field(2, gt=0)
+
+
+class TrainConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_is_mapping(cls, value):
+        if value is None:
+            raise ValueError("the data section is empty; give one data source")
+        return value
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _unknown_message(where: str, key: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(key), list(valid), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"unknown {where} {key!r}.{hint} Valid: {', '.join(valid)}"
+
+
+def _model_at(loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the key at ``loc`` (``("training", "lr")`` -> TrainingConfig)."""
+    model: type[BaseModel] = TrainConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc) or "<top level>"
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(err["loc"])
+            valid = list(owner.model_fields) if owner else []
+            section = ".".join(loc[:-1]) or "top-level"
+            lines.append(f"  {key}: " + _unknown_message(f"key in section {section}", loc[-1], valid))
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            value = err.get("input")
+            got = f" (got {value!r})" if err["type"] != "value_error" and not isinstance(value, (dict, list)) else ""
+            lines.append(f"  {key}: {msg}{got}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``section.key=value`` strings to a nested dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. training.batch_size=64")
+        dotted, value = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def _parse_scalar(value: str) -> Any:
+    """YAML scalar parsing (``true``, ``3e-5``, ``null``); text that YAML would read as a mapping or a list
+    without explicit brackets (``query: ``, ``- x``) stays a string, since prefixes look like that."""
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, (dict, list)) and not value.lstrip().startswith(("{", "[")):
+        return value
+    return parsed
+
+
+def _resolve_data_paths(data: dict, config_path: Path) -> None:
+    """Relative paths: working directory first, then the parent of the config file's folder."""
+    fallback_root = config_path.resolve().parent.parent
+    for key in PATH_KEYS:
+        value = data.get(key)
+        if not isinstance(value, str) or Path(value).expanduser().is_absolute():
+            continue
+        path = Path(value).expanduser()
+        candidate = path if path.exists() else fallback_root / path
+        if candidate.exists():  # otherwise left as given: the reader reports it (or it is a hub dataset name)
+            data[key] = str(candidate.resolve())
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read, override, resolve and validate a training config; :class:`ConfigError` on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(TrainConfig.model_fields)})")
+    raw = apply_overrides(raw, overrides)
+    if isinstance(raw.get("data"), dict):
+        _resolve_data_paths(raw["data"], path)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(path))) from None

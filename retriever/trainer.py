@@ -1,0 +1,210 @@
+"""The training loop: AdamW, linear warmup/decay, gradient accumulation, optional GradCache, bf16
+autocast, gradient clipping, cross-device negatives under torchrun, checkpoints and exact resume.
+
+Python API (stable): ``train(config: TrainConfig, output_dir, resume: bool = False) -> Path`` returns the
+final model folder ``<output>/final`` (sentence-transformers format). The run folder also holds
+``config.yaml`` (the full resolved config), ``train_log.jsonl`` (step, epoch, loss, lr, pairs_per_s,
+elapsed), ``dev.jsonl`` when ``data.dev_fraction`` > 0, and ``checkpoints/step-<N>/``.
+
+Negative strategies receive the :class:`Trainer` in ``prepare``; its public attributes are ``config``,
+``output_dir``, ``model``, ``train_examples``, ``dev_examples``, ``dist`` and ``device``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retriever.checkpoint import (Position, list_checkpoints, load_position, load_trainer_state, rng_state,
+                                  save_checkpoint)
+from retriever.config import TrainConfig
+from retriever.distributed import average_gradients, barrier, gather_objects, init_distributed, mean_across
+from retriever.io import write_text_atomic
+from retriever.losses import ContrastiveLoss
+from retriever.modeling import BiEncoder
+from retriever.negatives import get_strategy
+from retriever.step import grad_cache_step, plain_step
+from retriever.train_data import BatchCollator, epoch_order, load_examples, split_dev, write_examples
+
+LOG_FILE = "train_log.jsonl"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and normalisation weights (the BERT/AdamW convention)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, output_dir: str | Path, resume: bool = False):
+        from transformers import get_linear_schedule_with_warmup
+
+        self.config, self.output_dir = config, Path(output_dir)
+        t = config.training
+        self.dist = init_distributed()
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        existing = list_checkpoints(self.output_dir)
+        if existing and not resume:
+            raise ValueError(f"{self.output_dir} already holds checkpoints; pass --resume to continue that run "
+                             "or choose a new --output")
+        self.resume_from = existing[-1] if resume and existing else None
+
+        seed_everything(t.seed + self.dist.rank)
+        self.train_examples, self.dev_examples = split_dev(load_examples(config.data), config.data.dev_fraction,
+                                                           config.data.dev_seed)
+        self.global_batch = t.batch_size * self.dist.world_size
+        self.steps_per_epoch = len(self.train_examples) // (self.global_batch * t.gradient_accumulation_steps)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.train_examples)} training examples do not fill one step of "
+                             f"{self.global_batch} x {t.gradient_accumulation_steps}; lower training.batch_size")
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+
+        self.model = self._load_model().to(self.device)
+        self.model.train()
+        self.strategy = get_strategy(config.negatives.strategy)(config.negatives.options)
+        self.loss_fn = ContrastiveLoss(t.temperature)
+        self.collator = BatchCollator(self.strategy, t.seed, self.dist.rank, self.dist.world_size)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, t.weight_decay), lr=t.learning_rate)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, int(round(t.warmup_ratio * self.total_steps)), self.total_steps)
+
+    def _load_model(self) -> BiEncoder:
+        m = self.config.model
+        source = self.resume_from / "model" if self.resume_from else m.name
+        return BiEncoder.from_pretrained(source, pooling=m.pooling, normalize=m.normalize, shared=m.shared,
+                                         query_prefix=m.query_prefix, doc_prefix=m.doc_prefix,
+                                         query_max_length=m.query_max_length, doc_max_length=m.doc_max_length)
+
+    # ------------------------------------------------------------------------------------ loop
+    def _micro_step(self, batch, scale: float) -> float:
+        t = self.config.training
+        custom = self.strategy.micro_step(self, batch, scale)
+        if custom is not None:
+            return custom
+        if t.grad_cache:
+            return grad_cache_step(self.model, batch, self.loss_fn, self.strategy, chunk_size=t.grad_cache_chunk_size,
+                                   bf16=t.bf16, scale=scale, dist_ctx=self.dist)
+        return plain_step(self.model, batch, self.loss_fn, self.strategy, bf16=t.bf16, scale=scale, dist_ctx=self.dist)
+
+    def _batches(self, step: int):
+        """The micro-batches of optimizer step ``step`` (0-based) for this process."""
+        accum = self.config.training.gradient_accumulation_steps
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        order = self.strategy.epoch_order(len(self.train_examples), self.config.training.seed, epoch)
+        if order is None:
+            order = epoch_order(len(self.train_examples), self.config.training.seed, epoch)
+        for micro in range(accum):
+            start = (in_epoch * accum + micro) * self.global_batch
+            rows = order[start:start + self.global_batch]
+            yield self.collator([self.train_examples[i] for i in rows], rows, epoch)
+
+    def train_step(self, step: int) -> float:
+        """Optimizer step ``step`` (0-based): accumulate its micro-batches, average gradients across
+        processes, clip, update. Returns the loss averaged over micro-batches and processes."""
+        t = self.config.training
+        losses = [self._micro_step(batch, 1.0 / t.gradient_accumulation_steps) for batch in self._batches(step)]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        average_gradients(params, self.dist)
+        if t.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.strategy.on_step_end(step + 1)
+        return mean_across(float(np.mean(losses)), self.dist)
+
+    def _position(self, step: int) -> Position:
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        return Position(step=step, epoch=epoch, step_in_epoch=in_epoch, order_seed=self.config.training.seed)
+
+    def _start(self) -> int:
+        """Write the run's config (and dev split); restore a checkpoint. Returns the first step to run."""
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.output_dir / "config.yaml", self.config.to_yaml())
+            if self.dev_examples:
+                write_examples(self.output_dir / "dev.jsonl", self.dev_examples)
+        self.strategy.prepare(self)
+        if self.resume_from is None:
+            if self.dist.is_main:
+                write_text_atomic(self.output_dir / LOG_FILE, "")
+            return 0
+        position = load_position(self.resume_from)
+        load_trainer_state(self.resume_from, self.optimizer, self.scheduler, self.strategy, self.dist.rank)
+        if self.dist.is_main:
+            self._truncate_log(position.step)
+        return position.step
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines written after the checkpoint by the interrupted run."""
+        path = self.output_dir / LOG_FILE
+        rows = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        kept = [line for line in rows if json.loads(line)["step"] <= step]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+    def run(self) -> Path:
+        from tqdm.auto import tqdm
+
+        t = self.config.training
+        start = self._start()
+        pairs_per_step = self.global_batch * t.gradient_accumulation_steps
+        bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", disable=not self.dist.is_main)
+        began = window_start = time.perf_counter()
+        window_losses: list[float] = []
+        log = open(self.output_dir / LOG_FILE, "a") if self.dist.is_main else None
+        try:
+            for step in range(start, self.total_steps):
+                window_losses.append(self.train_step(step))
+                bar.update(1)
+                done = step + 1
+                if done % t.log_every == 0 or done == self.total_steps:
+                    now = time.perf_counter()
+                    row = {"step": done, "epoch": step // self.steps_per_epoch, "loss": float(np.mean(window_losses)),
+                           "lr": self.scheduler.get_last_lr()[0],
+                           "pairs_per_s": pairs_per_step * len(window_losses) / (now - window_start),
+                           "elapsed": now - began, **self.strategy.log_metrics()}
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.1f}")
+                    if log:
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
+                    window_losses, window_start = [], now
+                if t.save_every and done % t.save_every == 0:
+                    self._save_checkpoint(done)
+        finally:
+            bar.close()
+            if log:
+                log.close()
+        final = self.output_dir / "final"
+        if self.dist.is_main:
+            self.model.save(final)
+        barrier(self.dist)
+        return final
+
+    def _save_checkpoint(self, step: int) -> None:
+        states = gather_objects(rng_state(), self.dist)
+        if self.dist.is_main:
+            save_checkpoint(self.output_dir, self._position(step), self.model, self.optimizer, self.scheduler,
+                            self.strategy, states, self.config.training.keep_last)
+        barrier(self.dist)
+
+
+def train(config: TrainConfig, output_dir: str | Path, resume: bool = False) -> Path:
+    """Train a bi-encoder as ``config`` says; returns ``<output_dir>/final``. ``resume=True`` continues
+    from the newest checkpoint in ``output_dir`` (same weights as an uninterrupted run)."""
+    return Trainer(config, output_dir, resume).run()

@@ -1,0 +1,140 @@
+import json
+
+import numpy as np
+import pytest
+
+from index.encode import encode_corpus, encode_texts, model_fingerprint
+from index.store import EmbeddingStore, shard_name
+from retriever.data import Corpus, DataError
+from retriever.modeling import BiEncoder
+
+TEXTS = [
+    "dense retrieval maps queries and documents to vectors",
+    "hard negatives look relevant but are not",
+    "the quick brown fox jumps over the lazy dog and keeps running far away",
+    "faiss searches vectors",
+    "bm25 scores documents by term frequency",
+    "a cross encoder reads the query and the document together, slowly but well",
+    "python functions return values",
+]
+
+
+@pytest.fixture()
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    with open(path, "w") as fh:
+        for i, t in enumerate(TEXTS * 3):
+            fh.write(json.dumps({"_id": f"d{i}", "title": f"title {i % 4}", "text": t}) + "\n")
+    return path
+
+
+def test_encode_corpus_matches_biencoder_and_keeps_order(tiny_model_dir, corpus_file, tmp_path):
+    store = encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "emb", shard_size=8, bf16=False,
+                          dtype="float32", show_progress=False)
+    corpus = Corpus(corpus_file)
+    assert store.ids == corpus.ids and store.count == len(corpus) == 21
+    assert [len(ids) for ids, _ in store.iter_shards()] == [8, 8, 5]
+    model = BiEncoder.from_pretrained(tiny_model_dir)
+    ref = model.encode(corpus.texts(range(len(corpus))), kind="document", bf16=False)
+    np.testing.assert_allclose(store.load_all(), ref, atol=1e-5)
+    m = store.manifest
+    assert m["complete"] and m["dim"] == model.dim and m["checkpoint_hash"] == model_fingerprint(model)
+    assert m["model"] == str(tiny_model_dir) and m["normalize"] is True and m["dtype"] == "float32"
+    # shards are plain .npy files a reader can memory-map
+    assert np.load(tmp_path / "emb" / shard_name(0), mmap_mode="r").shape == (8, model.dim)
+
+
+def test_float16_shards_and_bf16_stay_close(tiny_model_dir, corpus_file, tmp_path):
+    ref = encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "a", bf16=False, dtype="float32", show_progress=False).load_all()
+    half = encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "b", bf16=True, dtype="float16", show_progress=False)
+    assert np.load(tmp_path / "b" / shard_name(0)).dtype == np.float16
+    cos = np.sum(half.load_all() * ref, axis=1) / np.linalg.norm(half.load_all(), axis=1)
+    assert cos.min() > 0.99
+
+
+def test_encode_texts_query_and_document(tiny_model_dir):
+    model = BiEncoder.from_pretrained(tiny_model_dir, query_prefix="query: ")
+    q = encode_texts(model, TEXTS, kind="query", bf16=False, batch_size=3)
+    assert q.dtype == np.float32 and q.shape == (len(TEXTS), model.dim)
+    np.testing.assert_allclose(q, model.encode(TEXTS, kind="query", bf16=False), atol=1e-5)
+    d = encode_texts(model, TEXTS, kind="document", bf16=False)
+    assert not np.allclose(q, d)  # the prefix applies to queries only
+    assert encode_texts(model, [], kind="query").shape == (0, model.dim)
+    with pytest.raises(ValueError, match="kind"):
+        encode_texts(model, TEXTS, kind="passage")
+
+
+def test_resume_skips_finished_shards_and_gives_identical_output(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    import index.encode as enc
+
+    out = tmp_path / "emb"
+    full = encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "ref", shard_size=5, show_progress=False).load_all()
+
+    real = enc._encode
+    calls = []
+
+    def dying(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while encoding the third shard
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(enc, "_encode", dying)
+    with pytest.raises(KeyboardInterrupt):
+        encode_corpus(str(tiny_model_dir), corpus_file, out, shard_size=5, show_progress=False)
+    assert sorted(p.name for p in out.glob("shard-*.npy")) == [shard_name(0), shard_name(1)]
+    assert not list(out.glob(".*tmp"))  # no half-written shard left behind
+    with pytest.raises(DataError, match="unfinished"):
+        EmbeddingStore.open(out)
+    done_before = {n: (out / n).stat().st_mtime_ns for n in (shard_name(0), shard_name(1))}
+
+    calls.clear()
+    monkeypatch.setattr(enc, "_encode", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    store = encode_corpus(str(tiny_model_dir), corpus_file, out, shard_size=5, show_progress=False)
+    assert len(calls) == 3  # shards 2, 3, 4 only
+    assert {n: (out / n).stat().st_mtime_ns for n in done_before} == done_before
+    np.testing.assert_array_equal(store.load_all(), full)
+
+
+def test_resume_refuses_a_different_model(tiny_model_dir, corpus_file, tmp_path):
+    from retriever.testing import build_tiny_model
+
+    encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "emb", show_progress=False)
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    with pytest.raises(DataError, match="different run.*checkpoint_hash"):
+        encode_corpus(str(other), corpus_file, tmp_path / "emb", show_progress=False)
+    store = encode_corpus(str(other), corpus_file, tmp_path / "emb", show_progress=False, overwrite=True)
+    assert store.manifest["model"] == str(other)
+
+
+def test_sharding_across_ranks(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    ref = encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "ref", shard_size=4, show_progress=False).load_all()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "emb", shard_size=4, show_progress=False) is None
+    assert sorted(p.name for p in (tmp_path / "emb").glob("shard-*")) == [shard_name(1), shard_name(3), shard_name(5)]
+    monkeypatch.setenv("RANK", "0")
+    store = encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "emb", shard_size=4, show_progress=False)
+    np.testing.assert_array_equal(store.load_all(), ref)
+
+
+def test_store_rejects_truncated_shard(tiny_model_dir, corpus_file, tmp_path):
+    encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "emb", shard_size=8, show_progress=False)
+    shard = tmp_path / "emb" / shard_name(1)
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(DataError, match=shard_name(1)):
+        EmbeddingStore.open(tmp_path / "emb")
+
+
+@pytest.mark.integration
+def test_minilm_on_scifact_slice_matches_sentence_transformers(minilm_path, scifact):
+    from sentence_transformers import SentenceTransformer
+
+    corpus = Corpus(scifact / "corpus.jsonl")
+    texts = corpus.texts(range(0, 40))
+    st = SentenceTransformer(minilm_path, device="cpu")
+    ref = st.encode(texts, normalize_embeddings=True)
+    ours = encode_texts(minilm_path, texts, kind="document", bf16=False)
+    assert np.sum(ours * ref, axis=1).min() > 0.9999
+    fast = encode_texts(minilm_path, texts, kind="document", bf16=True)
+    assert np.sum(fast * ref, axis=1).min() > 0.995

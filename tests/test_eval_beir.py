@@ -1,0 +1,156 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from _eval_data import QRELS, write_toy_beir
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return write_toy_beir(tmp_path_factory.mktemp("toy") / "toy")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from retriever.modeling import BiEncoder
+
+    return BiEncoder.from_pretrained(tiny_model_dir)
+
+
+def test_evaluate_beir_outputs(tiny, toy, tmp_path):
+    from eval.beir import evaluate_beir
+
+    result = evaluate_beir(tiny, toy, output_dir=tmp_path, k=5)
+    out = tmp_path / "toy"
+    assert json.loads((out / "metrics.json").read_text()) == result
+    assert result["dataset"] == "toy" and result["split"] == "test"
+    assert result["num_queries"] == 5 and result["num_docs"] == 11  # q6 has no judgements
+    assert set(result["metrics"]) == {"ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "ndcg@100", "mrr@10", "recall@10",
+                                      "recall@100", "recall@1000", "map@100"}
+    per_query = [json.loads(line) for line in (out / "per_query.jsonl").read_text().splitlines()]
+    assert sorted(r["query_id"] for r in per_query) == sorted(QRELS)
+    assert np.mean([r["ndcg@10"] for r in per_query]) == pytest.approx(result["metrics"]["ndcg@10"])
+    lines = [line.split() for line in (out / "run.trec").read_text().splitlines()]
+    assert all(len(parts) == 6 and parts[1] == "Q0" for parts in lines)
+    assert not any(parts[0] == parts[2] for parts in lines), "the identical id q3 must not be in the run"
+    by_query = {}
+    for qid, _, doc, rank, score, _ in lines:
+        by_query.setdefault(qid, []).append((int(rank), float(score)))
+    assert all(len(v) == (4 if q == "q3" else 5) for q, v in by_query.items())  # k=5, q3 lost itself
+    for ranked in by_query.values():
+        assert [r for r, _ in ranked] == list(range(1, len(ranked) + 1))
+        assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
+
+
+def test_ranking_equals_brute_force_with_title_plus_text(tiny, toy, tmp_path):
+    """The run is the exact top-k of cosine scores over `title + " " + text` embeddings."""
+    from eval.beir import evaluate_beir
+    from eval.metrics import read_trec_run
+    from retriever.data import load_beir
+
+    data = load_beir(toy, "test")
+    evaluate_beir(tiny, toy, output_dir=tmp_path, k=3, bf16=False)
+    run = read_trec_run(tmp_path / "toy" / "run.trec")
+    docs = list(data.corpus)
+    d_emb = tiny.encode([(d.title + " " + d.text).strip() for d in docs], "document", bf16=False)
+    for qid, text in data.queries.items():
+        scores = d_emb @ tiny.encode([text], "query", bf16=False)[0]
+        expected = [docs[i].id for i in np.argsort(-scores) if docs[i].id != qid][:3]
+        got = sorted(run[qid], key=run[qid].get, reverse=True)
+        assert got[:2] == expected[:2]
+
+
+def test_cli_eval_beir(tiny_model_dir, toy, tmp_path):
+    from retriever.cli import _register_all, app
+
+    _register_all()
+    result = CliRunner().invoke(app, ["eval", "beir", "--model", str(tiny_model_dir), "--data", str(toy),
+                                      "--output", str(tmp_path), "--k", "10", "--fp32"])
+    assert result.exit_code == 0, result.output
+    assert "ndcg@10" in result.output and "toy" in result.output
+    assert json.loads((tmp_path / "toy" / "metrics.json").read_text())["bf16"] is False
+
+
+def test_cli_bad_split_is_a_clear_error(tiny_model_dir, toy, tmp_path):
+    from retriever.cli import _register_all, app
+
+    _register_all()
+    result = CliRunner().invoke(app, ["eval", "beir", "--model", str(tiny_model_dir), "--data", str(toy),
+                                      "--output", str(tmp_path), "--split", "dev"])
+    assert result.exit_code == 2
+    flat = " ".join(result.output.replace("│", " ").split())  # rich wraps the error box
+    assert "qrels/dev.tsv: split 'dev' not found" in flat and "choose one of ['test']" in flat
+
+
+def test_prebuilt_index(tiny, toy, tmp_path):
+    faiss_index = pytest.importorskip("index.faiss_index", reason="index/faiss_index.py is not there yet")
+    pytest.importorskip("index.encode", reason="index/encode.py is not there yet")
+    from eval.beir import evaluate_beir
+
+    if not hasattr(faiss_index, "build_dense_index"):
+        pytest.skip("index.faiss_index has no build_dense_index()")
+    faiss_index.build_dense_index(tiny, toy / "corpus.jsonl", tmp_path / "index")
+    exact = evaluate_beir(tiny, toy, k=10)
+    indexed = evaluate_beir(tiny, toy, k=10, index_dir=tmp_path / "index")
+    assert indexed["metrics"]["ndcg@10"] == pytest.approx(exact["metrics"]["ndcg@10"], abs=1e-4)
+
+
+# ---------------------------------------------------------------- real model, real data
+@pytest.fixture(scope="session")
+def scifact_minilm(scifact, minilm_path, tmp_path_factory):
+    """One bf16 MiniLM pass over SciFact test, shared by every test that needs it (~2-3 min)."""
+    from eval.beir import evaluate_beir
+    from retriever.modeling import BiEncoder
+
+    model = BiEncoder.from_pretrained(minilm_path)
+    assert model.doc_max_length == 256  # the model's saved max_seq_length, as in MTEB
+    out = tmp_path_factory.mktemp("scifact-minilm")
+    return evaluate_beir(model, scifact, output_dir=out, batch_size=32), out / "scifact"
+
+
+@pytest.mark.integration
+def test_minilm_scifact_matches_mteb(scifact_minilm):
+    result, _ = scifact_minilm
+    assert result["num_queries"] == 300 and result["num_docs"] == 5183
+    assert result["metrics"]["ndcg@10"] == pytest.approx(0.645, abs=0.005)
+
+
+@pytest.mark.integration
+def test_metrics_equal_beir_on_scifact_run(scifact_minilm, scifact):
+    beir_eval = pytest.importorskip("beir.retrieval.evaluation", reason="beir is not installed (pip install beir)")
+    from eval.metrics import compute_metrics, read_trec_run
+    from retriever.data import read_qrels
+
+    result, out = scifact_minilm
+    qrels = read_qrels(scifact / "qrels" / "test.tsv")
+    run = read_trec_run(out / "run.trec")
+    ndcg, _map, recall, _ = beir_eval.EvaluateRetrieval.evaluate(qrels, run, [1, 3, 5, 10, 100, 1000])
+    mrr = beir_eval.EvaluateRetrieval.evaluate_custom(qrels, run, [10], "mrr")
+    ours = result["metrics"]
+    for k in (1, 3, 5, 10, 100):
+        assert round(ours[f"ndcg@{k}"], 5) == pytest.approx(ndcg[f"NDCG@{k}"], abs=1e-6)
+    for k in (10, 100, 1000):
+        assert round(ours[f"recall@{k}"], 5) == pytest.approx(recall[f"Recall@{k}"], abs=1e-6)
+    assert round(ours["map@100"], 5) == pytest.approx(_map["MAP@100"], abs=1e-6)
+    assert round(ours["mrr@10"], 5) == pytest.approx(mrr["MRR@10"], abs=1e-6)
+
+
+@pytest.mark.integration
+def test_bm25_scifact_matches_pyserini_regression(scifact, tmp_path):
+    try:
+        from index.bm25 import BM25Searcher, build_bm25_index
+    except ImportError as exc:
+        pytest.skip(f"index/bm25.py is not available ({exc})")
+    from eval.beir import evaluate_run
+    from retriever.data import load_beir
+
+    data = load_beir(scifact, "test")
+    searcher = BM25Searcher(build_bm25_index(data.corpus, tmp_path / "bm25"), k1=0.9, b=0.4)
+    hits = searcher.search(data.queries, k=1000)
+    run = {qid: dict(pairs) for qid, pairs in hits.items()}
+    result = evaluate_run("scifact", "test", "bm25", data.queries, data.qrels, run, num_docs=len(data.corpus),
+                          seconds=0.0, output_dir=tmp_path / "eval")
+    assert result["metrics"]["ndcg@10"] == pytest.approx(0.679, abs=0.005)

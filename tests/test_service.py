@@ -1,0 +1,166 @@
+"""The mining service: answers, request validation, checkpoint-driven refresh with an atomic swap,
+and the HTTP server + client under concurrent load while a refresh runs."""
+
+import threading
+import time
+
+import pytest
+
+from mining.service import MiningRequestError, MiningService, find_newest_checkpoint
+from test_mining import _write_dataset
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_model_dir):
+    from index.encode import encode_corpus
+    from index.faiss_index import DenseIndex
+    from retriever.modeling import BiEncoder
+
+    root = tmp_path_factory.mktemp("service")
+    data = _write_dataset(root / "beir", n_docs=80, n_queries=12)
+    store = encode_corpus(BiEncoder.from_pretrained(str(tiny_model_dir)), data, root / "emb", show_progress=False)
+    DenseIndex.build(store, root / "index", factory="Flat", metric="ip")
+    # a "newer checkpoint": same architecture, other weights, saved as the trainer does
+    from retriever.testing import build_tiny_model
+
+    other = BiEncoder.from_pretrained(str(build_tiny_model(root / "other-hf", seed=1)))
+    other.save(root / "run" / "checkpoints" / "step-100" / "model")
+    (root / "run" / "checkpoints" / "step-200").mkdir()  # incomplete: no modules.json, must be ignored
+    return dict(root=root, data=data, index=root / "index", model=str(tiny_model_dir))
+
+
+@pytest.fixture
+def service(env, tmp_path):
+    svc = MiningService(env["index"], env["model"], corpus=env["data"], work_dir=tmp_path / "versions")
+    yield svc
+    svc.close()
+
+
+def test_mine_texts_and_ids(service):
+    [r] = service.mine(["dense retrieval vectors"], k=30, range_min=3, range_max=20, exclude_ids=["doc5"])
+    assert r.version == 1 and r.texts is None
+    assert [n.rank for n in r.negatives] == sorted(n.rank for n in r.negatives)
+    assert all(3 <= n.rank < 20 for n in r.negatives) and "doc5" not in {n.doc_id for n in r.negatives}
+    assert [n.score for n in r.negatives] == sorted((n.score for n in r.negatives), reverse=True)
+    results = service.mine(query_ids=["q0", "q3"], k=40, num_negatives=5, with_texts=True, relative_margin=0.05)
+    for res in results:
+        assert len(res.negatives) <= 5 and len(res.texts) == len(res.negatives)
+        positives = {"q0": {"doc0", "doc1"}, "q3": {"doc9", "doc10"}}[res.query_id]
+        assert not positives & {n.doc_id for n in res.negatives}  # qrels positives excluded
+        assert res.positive_score is not None
+        assert all(n.score <= res.positive_score - abs(res.positive_score) * 0.05 + 1e-6 for n in res.negatives)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(queries=["a"], query_ids=["q0"]), "exactly one"),
+    (dict(queries=[]), "empty"),
+    (dict(queries=["  "]), "empty"),
+    (dict(queries=["a"], k=10, range_max=20), "range_max"),
+    (dict(queries=["a"], range_min=50, range_max=20, k=60), "range_min"),
+    (dict(queries=["a"], relative_margin=1.5), "relative_margin"),
+    (dict(queries=["a"], bogus=1), "bogus"),
+    (dict(queries=["a", "b"], positive_ids=[["doc1"]]), "positive_ids"),
+])
+def test_bad_requests(service, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        service.mine(**kwargs)
+
+
+def test_unknown_ids_and_margin_without_positives(service):
+    with pytest.raises(MiningRequestError, match="unknown query ids") as err:
+        service.mine(query_ids=["nope"])
+    assert err.value.status_code == 404
+    with pytest.raises(MiningRequestError, match="positives"):
+        service.mine(["a query"], relative_margin=0.1)
+
+
+def test_find_newest_checkpoint(env, tmp_path):
+    assert find_newest_checkpoint(env["root"] / "run") == (100, env["root"] / "run" / "checkpoints" / "step-100" / "model")
+    assert find_newest_checkpoint(tmp_path) is None
+
+
+def test_watch_refresh_swaps_while_answering(env, tmp_path):
+    """The watcher sees step-100, rebuilds in the background; two threads keep mining meanwhile."""
+    svc = MiningService(env["index"], env["model"], corpus=env["data"], watch_dir=env["root"] / "run",
+                        work_dir=tmp_path / "versions", poll_seconds=0.1)
+    failures, versions, stop = [], [], threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            try:
+                versions.extend(r.version for r in svc.mine(["faiss index negatives"], k=20, num_negatives=3))
+            except Exception as exc:  # noqa: BLE001 - any failure fails the test
+                failures.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while svc.version < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    status = svc.status()
+    assert not failures
+    assert status["version"] == 2 and status["checkpoint_step"] == 100 and status["last_refresh"]
+    assert set(versions) <= svc.versions_seen == {1, 2} and 1 in versions
+    # a manual refresh builds v3 and deletes v2's files; the user's index folder stays
+    assert svc.refresh(block=True) is True
+    assert svc.version == 3 and status["corpus_size"] == 80
+    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["v3"]
+    assert env["index"].is_dir()
+    svc.close()
+
+
+def test_http_server_and_client_under_load_during_refresh(env, tmp_path):
+    from mining.client import MiningClient
+    from mining.server import serve_in_thread
+
+    svc = MiningService(env["index"], env["model"], corpus=env["data"], work_dir=tmp_path / "versions")
+    failures, versions, latencies = [], [], []
+    with serve_in_thread(svc) as url:
+        with MiningClient(url) as probe:
+            assert probe.health()["ok"] is True
+            status = probe.status()
+            assert status["version"] == 1 and status["corpus_size"] == 80 and status["refresh_in_progress"] is False
+            # 4xx with a message, over HTTP too
+            import httpx
+
+            bad = httpx.post(f"{url}/v1/mine", json={"queries": ["a"], "k": 5, "range_max": 9})
+            assert bad.status_code == 422 and "range_max" in bad.text
+            with pytest.raises(MiningRequestError, match="404"):
+                probe.mine(query_ids=["missing"])
+            [same] = probe.mine(["dense retrieval vectors"], k=30, range_min=3, range_max=20, exclude_ids=["doc5"])
+            [local] = svc.mine(["dense retrieval vectors"], k=30, range_min=3, range_max=20, exclude_ids=["doc5"])
+            assert same.negatives == local.negatives or [n.doc_id for n in same.negatives] == [n.doc_id for n in local.negatives]
+
+        def client_loop(n_requests):
+            with MiningClient(url) as client:
+                for i in range(n_requests):
+                    t0 = time.perf_counter()
+                    try:
+                        [r] = client.mine([f"query number {i} about faiss"], k=20, num_negatives=3)
+                        versions.append(r.version)
+                        latencies.append(time.perf_counter() - t0)
+                    except Exception as exc:  # noqa: BLE001
+                        failures.append(exc)
+
+        threads = [threading.Thread(target=client_loop, args=(50,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        with MiningClient(url) as admin:
+            assert admin.refresh(env["root"] / "run" / "checkpoints" / "step-100" / "model") is True
+            for t in threads:
+                t.join()
+            deadline = time.monotonic() + 60
+            while admin.status()["refresh_in_progress"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert admin.status()["version"] == 2
+            assert admin.mine(["x y"], k=5)[0].version == 2
+    svc.close()
+    assert not failures and len(versions) == 200
+    assert set(versions) <= svc.versions_seen
