@@ -29,7 +29,7 @@ def run(args, cache: bool, workdir: Path) -> dict:
         "model": {"name": args.student, "query_max_length": 64, "doc_max_length": 256},
         "data": {"beir": str(args.scifact), "split": "train", "max_examples": args.max_examples},
         "negatives": {"strategy": "gist", "options": {"guide": args.guide, "cache": cache}},
-        "training": {"batch_size": args.batch_size, "max_steps": args.steps, "log_every": 1, "bf16": True,
+        "training": {"batch_size": args.batch_size, "max_steps": args.steps, "log_every": 1, "bf16": args.bf16,
                      "seed": 0, "warmup_ratio": 0.0}})
     trainer = Trainer(cfg, workdir / ("cached" if cache else "per-step"))
     strategy = trainer.strategy
@@ -70,10 +70,28 @@ def main() -> None:
     parser.add_argument("--max-examples", type=int, default=None,
                         help="train on the first N examples only (the cache then covers N queries + their positives)")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks" / "gist.md")
+    parser.add_argument("--only", choices=["cached", "per-step"], help="run one variant and save it to --json")
+    parser.add_argument("--json", type=Path, help="where --only writes its result")
+    parser.add_argument("--report", nargs=2, type=Path, metavar=("PER_STEP_JSON", "CACHED_JSON"),
+                        help="write the report from two --only results")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        per_step = run(args, cache=False, workdir=Path(tmp))
-        cached = run(args, cache=True, workdir=Path(tmp))
+    from index.encode import bf16_supported
+
+    args.bf16 = bf16_supported("cuda" if torch.cuda.is_available() else "cpu")
+    if args.only:  # one variant, saved as JSON (run the two in parallel, then --report the pair)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run(args, cache=args.only == "cached", workdir=Path(tmp))
+        result["masks"] = [m.tolist() for m in result["masks"]]
+        Path(args.json).write_text(json.dumps(result))
+        return
+    if args.report:
+        per_step, cached = (json.loads(Path(p).read_text()) for p in args.report)
+        for r in (per_step, cached):
+            r["masks"] = [torch.tensor(m) for m in r["masks"]]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            per_step = run(args, cache=False, workdir=Path(tmp))
+            cached = run(args, cache=True, workdir=Path(tmp))
     same = all(torch.equal(a, b) for a, b in zip(cached["masks"], per_step["masks"]))
     agree = sum(int((a == b).sum()) for a, b in zip(cached["masks"], per_step["masks"])) / \
         sum(a.numel() for a in cached["masks"])
@@ -83,7 +101,7 @@ def main() -> None:
     text = f"""## GISTEmbed: cached guide embeddings vs a guide forward pass per step
 
 `bench/gist_cache_speed.py --steps {args.steps} --batch-size {args.batch_size} --max-examples {args.max_examples}`; student {args.student}, guide
-{args.guide} (frozen), SciFact train, bf16 autocast. Machine: shared 2-core CPU, no GPU (other jobs were
+{args.guide} (frozen), SciFact train, bf16 autocast {'on' if args.bf16 else 'off (no native bf16 on this CPU)'}. Machine: shared 2-core CPU, no GPU (other jobs were
 running, so absolute times are noisy); torch {torch.__version__}, Python {platform.python_version()}; 2026-11-22.
 
 | guide | one-off cost | seconds / step (steps 2..{args.steps}) | guide time / step |

@@ -78,7 +78,10 @@ def run_negatron(data: Path, workdir: Path) -> dict:
 def child(tool: str, data: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="mine-speed-") as tmp:
         result = (run_sentence_transformers if tool == "st" else run_negatron)(data, Path(tmp))
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["peak_rss_mib"] = usage.ru_maxrss / 1024
+    # CPU seconds are far less sensitive than wall time to other jobs sharing the machine
+    result["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     print("RESULT " + json.dumps(result), flush=True)
 
 

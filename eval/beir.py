@@ -56,7 +56,7 @@ def dense_search(model, corpus, query_texts: Sequence[str], k: int, batch_size: 
         from index.faiss_index import DenseIndex
 
         start = time.perf_counter()
-        index = DenseIndex.load(index_dir)
+        index = DenseIndex.load(index_dir, expect_dim=model.dim, expect_model=model)
         scores, rows = index.search(q_emb, k)
         timings["search_s"] = time.perf_counter() - start
         return np.asarray(scores), np.asarray(rows), list(index.ids)
@@ -78,13 +78,14 @@ def dense_search(model, corpus, query_texts: Sequence[str], k: int, batch_size: 
 
 def evaluate_run(name: str, split: str, model_name: str, queries: Mapping[str, str], qrels, run, *,
                  num_docs: int, seconds: float, output_dir=None, metrics: Sequence[str] = DEFAULT_METRICS,
-                 relevance_level: int = 1, extra: dict | None = None) -> dict:
+                 relevance_level: int = 1, extra: dict | None = None, ignore_identical_ids: bool = True) -> dict:
     """Score ``run`` and write ``metrics.json``, ``run.trec``, ``per_query.jsonl`` under
     ``output_dir/name``. Returns the metrics.json dict."""
     from retriever.data import write_jsonl_atomic
     from retriever.io import write_text_atomic
 
-    aggregate, per_query = compute_metrics(qrels, run, metrics=metrics, relevance_level=relevance_level)
+    aggregate, per_query = compute_metrics(qrels, run, metrics=metrics, relevance_level=relevance_level,
+                                           ignore_identical_ids=ignore_identical_ids)
     result = {
         "dataset": name,
         "split": split,
@@ -94,13 +95,15 @@ def evaluate_run(name: str, split: str, model_name: str, queries: Mapping[str, s
         "num_docs": num_docs,
         "seconds": round(seconds, 3),
         "relevance_level": relevance_level,
+        "ignore_identical_ids": ignore_identical_ids,
         **(extra or {}),
     }
     if output_dir is not None:
         out = Path(output_dir) / name
         out.mkdir(parents=True, exist_ok=True)
         # identical ids dropped here too, so trec_eval on run.trec reproduces metrics.json
-        write_trec_run(out / "run.trec", drop_identical_ids({q: run.get(q, {}) for q in queries}))
+        ranked = {q: run.get(q, {}) for q in queries}
+        write_trec_run(out / "run.trec", drop_identical_ids(ranked) if ignore_identical_ids else ranked)
         write_jsonl_atomic(out / "per_query.jsonl", ({"query_id": q, **v} for q, v in per_query.items()))
         write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
@@ -108,7 +111,8 @@ def evaluate_run(name: str, split: str, model_name: str, queries: Mapping[str, s
 
 def evaluate_corpus(model, name: str, corpus, queries: Mapping[str, str], qrels, *, split: str = "test",
                     output_dir=None, k: int = 1000, batch_size: int = 64, bf16: bool | None = None,
-                    index_dir=None, metrics: Sequence[str] = DEFAULT_METRICS, relevance_level: int = 1) -> dict:
+                    index_dir=None, metrics: Sequence[str] = DEFAULT_METRICS, relevance_level: int = 1,
+                    ignore_identical_ids: bool = True) -> dict:
     """Encode, search and score one corpus/queries/qrels triple (queries without judgements are skipped)."""
     start = time.perf_counter()
     model = load_model(model)
@@ -120,21 +124,23 @@ def evaluate_corpus(model, name: str, corpus, queries: Mapping[str, str], qrels,
     run = run_from_arrays(query_ids, doc_ids, scores, rows)
     return evaluate_run(name, split, str(model.name or "model"), judged, {q: qrels[q] for q in query_ids}, run,
                         num_docs=len(doc_ids), seconds=time.perf_counter() - start, output_dir=output_dir,
-                        metrics=metrics, relevance_level=relevance_level,
+                        metrics=metrics, relevance_level=relevance_level, ignore_identical_ids=ignore_identical_ids,
                         extra={"k": k, "bf16": bf16 is not False,
                                "timings": {key: round(v, 3) for key, v in timings.items()}})
 
 
 def evaluate_beir(model, data_dir, split: str = "test", output_dir=None, k: int = 1000, batch_size: int = 64,
-                  bf16: bool | None = None, index_dir=None, metrics: Sequence[str] = DEFAULT_METRICS) -> dict:
+                  bf16: bool | None = None, index_dir=None, metrics: Sequence[str] = DEFAULT_METRICS,
+                  ignore_identical_ids: bool = True) -> dict:
     """Evaluate ``model`` (BiEncoder, path or name) on the BEIR folder ``data_dir``.
 
     Document text is ``title + " " + text``; a retrieved document whose id equals the query id is
-    ignored; only queries judged in ``qrels/<split>.tsv`` are scored. Returns the metrics.json dict.
+    ignored (``ignore_identical_ids``, BEIR's default); only queries judged in ``qrels/<split>.tsv``
+    are scored. Returns the metrics.json dict.
     """
     from retriever.data import load_beir
 
     data = load_beir(data_dir, split)
     return evaluate_corpus(model, data.name, data.corpus, data.queries, data.qrels, split=split,
                            output_dir=output_dir, k=k, batch_size=batch_size, bf16=bf16, index_dir=index_dir,
-                           metrics=metrics)
+                           metrics=metrics, ignore_identical_ids=ignore_identical_ids)

@@ -58,6 +58,8 @@ def beir_command(
     k: int = typer.Option(1000, help="Documents retrieved per query."),
     index: Optional[Path] = typer.Option(None, "--index", help="Prebuilt dense index folder (one --data only)."),
     fp32: bool = typer.Option(False, "--fp32", help="Encode in fp32 instead of bf16 autocast."),
+    keep_identical_ids: bool = typer.Option(False, "--keep-identical-ids",
+                                            help="Score a document whose id equals the query id (ignored by default)."),
 ) -> None:
     """Evaluate a dense retriever on BEIR folders (nDCG@10, MRR@10, Recall@k, MAP@100)."""
     from eval.beir import evaluate_beir, load_model
@@ -67,7 +69,8 @@ def beir_command(
     try:
         encoder = load_model(model)
         results = [evaluate_beir(encoder, d, split=split, output_dir=output, k=k, batch_size=batch_size,
-                                 bf16=False if fp32 else None, index_dir=index) for d in data]
+                                 bf16=False if fp32 else None, index_dir=index,
+                                 ignore_identical_ids=not keep_identical_ids) for d in data]
     except _user_errors() as exc:
         raise typer.BadParameter(str(exc)) from None
     _print_table(results, f"{model} — BEIR {split}")

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from retriever.data import Corpus, DataError
+from retriever.modeling import bf16_supported  # noqa: F401  (re-exported for callers of index.encode)
 from retriever.io import atomic_write, write_text_atomic
 
 from index.store import FORMAT_VERSION, IDS, MANIFEST, EmbeddingStore, shard_name
@@ -46,17 +47,6 @@ def load_model(model, device: str | None = None):
     if device is None and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return bi.to(device) if device else bi
-
-
-def bf16_supported(device) -> bool:
-    """bf16 autocast on CUDA GPUs with bf16 units, and on CPUs (oneDNN runs bf16 GEMMs even on AVX2-only
-    CPUs; docs/benchmarks/encoding.md has the measured speed and the cosine to fp32)."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu"
 
 
 def model_fingerprint(model, kind: str = "document") -> str:

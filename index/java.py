@@ -61,7 +61,7 @@ def ensure_java() -> Path:
         from jnius import autoclass
 
         try:
-            autoclass("io.anserini.search.SimpleSearcher")
+            autoclass("io.anserini.index.IndexCollection")
         except Exception as exc:  # jnius raises JavaException, whose class lives in jnius
             raise JavaSetupError("a JVM was started before negatron configured it, without pyserini's jar. "
                                  "Fix: call index.java.ensure_java() before importing jnius") from exc

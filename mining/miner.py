@@ -292,16 +292,16 @@ class MinedQuery:
             "query": q.text,
             "pos": list(q.positive_texts),
             "neg": [corpus.get(d).full_text for d in self.negative_ids],
-            "pos_scores": [round(s, 6) for s in self.positive_scores],
-            "neg_scores": [round(s, 6) for s in self.negative_scores],
+            "pos_scores": [float(s) for s in self.positive_scores],
+            "neg_scores": [float(s) for s in self.negative_scores],
             "query_id": q.query_id,
             "pos_ids": list(q.positive_ids),
             "neg_ids": list(self.negative_ids),
             "neg_ranks": list(self.negative_ranks),
         }
         if self.scorer_negative_scores is not None:
-            row["scorer_pos_scores"] = [round(s, 6) for s in self.scorer_positive_scores or []]
-            row["scorer_neg_scores"] = [round(s, 6) for s in self.scorer_negative_scores]
+            row["scorer_pos_scores"] = [float(s) for s in self.scorer_positive_scores or []]
+            row["scorer_neg_scores"] = [float(s) for s in self.scorer_negative_scores]
         return row
 
 

@@ -42,6 +42,22 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     raise ValueError(f"unknown pooling {pooling!r}; choose cls, mean or last-token")
 
 
+def bf16_supported(device: torch.device | str) -> bool:
+    """bf16 autocast on CUDA GPUs with bf16 units and on CPUs with native bf16 (AVX512-BF16 / AMX).
+
+    On AVX2-only CPUs oneDNN emulates bf16 and autocast is several times *slower* than fp32
+    (measured, docs/benchmarks.md), so those default to fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
 def autocast(device: torch.device | str, bf16: bool):
     """bf16 autocast on CPU and CUDA; a no-op when disabled."""
     device_type = torch.device(device).type
@@ -169,13 +185,13 @@ class BiEncoder(nn.Module):
                show_progress: bool = False) -> np.ndarray:
         """Float32 embeddings in input order. Texts are sorted by length so each batch pads little.
 
-        ``bf16=None`` enables bf16 autocast on CUDA and on CPUs (it roughly doubles CPU speed);
-        ``bf16=False`` gives fp32 reference embeddings.
+        ``bf16=None`` enables bf16 autocast where the hardware computes bf16 natively (see
+        :func:`bf16_supported`); ``bf16=False`` gives fp32 reference embeddings.
         """
         was_training = self.training
         self.eval()
         if bf16 is None:
-            bf16 = True
+            bf16 = bf16_supported(self.device)
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         starts = range(0, len(texts), batch_size)

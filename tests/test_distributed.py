@@ -54,4 +54,6 @@ def compare(dist_loss, dist_grads, single_loss, single_grads):
     assert dist_grads.keys() == single_grads.keys()
     for name, g in single_grads.items():
         diff = (dist_grads[name] - g).abs().max().item()
-        assert diff <= 1e-6 + 1e-4 * g.abs().max().item(), (name, diff)
+        # fp32 noise from different padding and summation order is ~1e-6; a lost cross-device gradient
+        # term would differ by a sizeable fraction of the gradient itself.
+        assert diff <= 1e-5 + 1e-3 * g.abs().max().item(), (name, diff)

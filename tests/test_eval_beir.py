@@ -1,5 +1,4 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +44,17 @@ def test_evaluate_beir_outputs(tiny, toy, tmp_path):
         assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
 
 
+def test_keep_identical_ids(tiny, toy, tmp_path):
+    from eval.beir import evaluate_beir
+
+    result = evaluate_beir(tiny, toy, output_dir=tmp_path, k=20, ignore_identical_ids=False)
+    assert result["ignore_identical_ids"] is False
+    lines = [line.split() for line in (tmp_path / "toy" / "run.trec").read_text().splitlines()]
+    assert any(parts[0] == parts[2] == "q3" for parts in lines)
+    per_query = {r["query_id"]: r for r in map(json.loads, (tmp_path / "toy" / "per_query.jsonl").read_text().splitlines())}
+    assert per_query["q3"]["recall@100"] == 1.0  # q3 judged itself relevant; kept, it is found
+
+
 def test_ranking_equals_brute_force_with_title_plus_text(tiny, toy, tmp_path):
     """The run is the exact top-k of cosine scores over `title + " " + text` embeddings."""
     from eval.beir import evaluate_beir
@@ -86,16 +96,19 @@ def test_cli_bad_split_is_a_clear_error(tiny_model_dir, toy, tmp_path):
 
 
 def test_prebuilt_index(tiny, toy, tmp_path):
+    """--index: a prebuilt exact index gives the same metrics as the streaming search."""
     faiss_index = pytest.importorskip("index.faiss_index", reason="index/faiss_index.py is not there yet")
-    pytest.importorskip("index.encode", reason="index/encode.py is not there yet")
+    encode = pytest.importorskip("index.encode", reason="index/encode.py is not there yet")
     from eval.beir import evaluate_beir
 
-    if not hasattr(faiss_index, "build_dense_index"):
-        pytest.skip("index.faiss_index has no build_dense_index()")
-    faiss_index.build_dense_index(tiny, toy / "corpus.jsonl", tmp_path / "index")
-    exact = evaluate_beir(tiny, toy, k=10)
-    indexed = evaluate_beir(tiny, toy, k=10, index_dir=tmp_path / "index")
-    assert indexed["metrics"]["ndcg@10"] == pytest.approx(exact["metrics"]["ndcg@10"], abs=1e-4)
+    store = encode.encode_corpus(tiny, toy / "corpus.jsonl", tmp_path / "emb", dtype="float32", bf16=False,
+                                 show_progress=False)
+    faiss_index.DenseIndex.build(store, tmp_path / "index", factory="Flat", use_gpu=False)
+    exact = evaluate_beir(tiny, toy, k=10, bf16=False)
+    indexed = evaluate_beir(tiny, toy, k=10, bf16=False, index_dir=tmp_path / "index")
+    assert indexed["num_docs"] == exact["num_docs"] == 11
+    for name, value in exact["metrics"].items():
+        assert indexed["metrics"][name] == pytest.approx(value, abs=1e-6), name
 
 
 # ---------------------------------------------------------------- real model, real data
@@ -118,18 +131,11 @@ def test_minilm_scifact_matches_mteb(scifact_minilm):
     assert result["metrics"]["ndcg@10"] == pytest.approx(0.645, abs=0.005)
 
 
-@pytest.mark.integration
-def test_metrics_equal_beir_on_scifact_run(scifact_minilm, scifact):
+def _assert_equal_to_beir(ours: dict, qrels, run) -> None:
+    """negatron's values, rounded as BEIR rounds (5 decimals), equal BEIR's to 1e-6."""
     beir_eval = pytest.importorskip("beir.retrieval.evaluation", reason="beir is not installed (pip install beir)")
-    from eval.metrics import compute_metrics, read_trec_run
-    from retriever.data import read_qrels
-
-    result, out = scifact_minilm
-    qrels = read_qrels(scifact / "qrels" / "test.tsv")
-    run = read_trec_run(out / "run.trec")
     ndcg, _map, recall, _ = beir_eval.EvaluateRetrieval.evaluate(qrels, run, [1, 3, 5, 10, 100, 1000])
     mrr = beir_eval.EvaluateRetrieval.evaluate_custom(qrels, run, [10], "mrr")
-    ours = result["metrics"]
     for k in (1, 3, 5, 10, 100):
         assert round(ours[f"ndcg@{k}"], 5) == pytest.approx(ndcg[f"NDCG@{k}"], abs=1e-6)
     for k in (10, 100, 1000):
@@ -139,7 +145,17 @@ def test_metrics_equal_beir_on_scifact_run(scifact_minilm, scifact):
 
 
 @pytest.mark.integration
-def test_bm25_scifact_matches_pyserini_regression(scifact, tmp_path):
+def test_metrics_equal_beir_on_scifact_minilm_run(scifact_minilm, scifact):
+    from eval.metrics import read_trec_run
+    from retriever.data import read_qrels
+
+    result, out = scifact_minilm
+    _assert_equal_to_beir(result["metrics"], read_qrels(scifact / "qrels" / "test.tsv"), read_trec_run(out / "run.trec"))
+
+
+@pytest.fixture(scope="module")
+def scifact_bm25(scifact, tmp_path_factory):
+    """pyserini BM25 (k1 0.9, b 0.4, title + text) over SciFact test, scored by negatron."""
     try:
         from index.bm25 import BM25Searcher, build_bm25_index
     except ImportError as exc:
@@ -147,10 +163,28 @@ def test_bm25_scifact_matches_pyserini_regression(scifact, tmp_path):
     from eval.beir import evaluate_run
     from retriever.data import load_beir
 
+    tmp = tmp_path_factory.mktemp("scifact-bm25")
     data = load_beir(scifact, "test")
-    searcher = BM25Searcher(build_bm25_index(data.corpus, tmp_path / "bm25"), k1=0.9, b=0.4)
-    hits = searcher.search(data.queries, k=1000)
-    run = {qid: dict(pairs) for qid, pairs in hits.items()}
+    searcher = BM25Searcher(build_bm25_index(data.corpus, tmp / "bm25"), k1=0.9, b=0.4)
+    run = {qid: dict(pairs) for qid, pairs in searcher.search(data.queries, k=1000).items()}
     result = evaluate_run("scifact", "test", "bm25", data.queries, data.qrels, run, num_docs=len(data.corpus),
-                          seconds=0.0, output_dir=tmp_path / "eval")
+                          seconds=0.0, output_dir=tmp / "eval")
+    return result, tmp / "eval" / "scifact"
+
+
+@pytest.mark.integration
+def test_bm25_scifact_matches_pyserini_regression(scifact_bm25):
+    result, _ = scifact_bm25
+    print("bm25 scifact", json.dumps(result["metrics"]))
+    assert result["num_queries"] == 300
     assert result["metrics"]["ndcg@10"] == pytest.approx(0.679, abs=0.005)
+
+
+@pytest.mark.integration
+def test_metrics_equal_beir_on_scifact_bm25_run(scifact_bm25, scifact):
+    """BEIR's EvaluateRetrieval on the written run.trec gives negatron's numbers (real run, real qrels)."""
+    from eval.metrics import read_trec_run
+    from retriever.data import read_qrels
+
+    result, out = scifact_bm25
+    _assert_equal_to_beir(result["metrics"], read_qrels(scifact / "qrels" / "test.tsv"), read_trec_run(out / "run.trec"))

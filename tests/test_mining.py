@@ -155,13 +155,13 @@ def test_bad_config_is_rejected(setup):
 
 @pytest.mark.integration
 def test_scifact_train_slice_with_minilm(scifact, minilm_path, tmp_path):
-    """Real MiniLM on SciFact train queries (first 30) over a 600-document slice holding their positives."""
+    """Real MiniLM on SciFact train queries (first 30) over a 300-document slice holding their positives."""
     from retriever.modeling import BiEncoder
 
     full, _ = load_training_queries(scifact, split="train")
     queries = full[:30]
     source = Corpus(scifact / "corpus.jsonl")
-    keep = {d for q in queries for d in q.positive_ids} | set(source.ids[:600])
+    keep = {d for q in queries for d in q.positive_ids} | set(source.ids[:300])
     with open(tmp_path / "corpus.jsonl", "w") as fh:
         for d in source:
             if d.id in keep:

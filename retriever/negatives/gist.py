@@ -26,7 +26,8 @@ class GISTOptions(StrategyOptions):
     hard_per_query: int = Field(0, ge=0, description="hard negatives from the data per query (0: in-batch only)")
     cache: bool = Field(True, description="encode the training set with the guide once; False: every step")
     guide_batch_size: int = Field(64, gt=0)
-    guide_bf16: bool | None = Field(None, description="bf16 autocast for the guide (None: on)")
+    guide_bf16: bool | None = Field(None, description="bf16 autocast for the guide (None: where the device "
+                                    "has native bf16; emulated bf16 is many times slower than fp32)")
 
 
 @register_strategy("gist")
@@ -47,8 +48,12 @@ class GISTNegatives(NegativeStrategy):
     def load_guide(self, device: torch.device | str = "cpu") -> None:
         from retriever.modeling import BiEncoder
 
+        from index.encode import bf16_supported
+
         guide = BiEncoder.from_pretrained(self.options.guide).to(device)
         guide.eval()
+        if self.options.guide_bf16 is None:
+            self.options.guide_bf16 = bf16_supported(guide.device)
         for p in guide.parameters():
             p.requires_grad_(False)
         self.guide = guide
