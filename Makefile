@@ -8,7 +8,7 @@ EXTRAS ?= test,bm25,serve,mteb
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.negatron-installed
 
-.PHONY: install quickstart test test-fast bench clean browser
+.PHONY: install quickstart browser test test-all test-fast clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,13 @@ browser:
 	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
 	  echo "chromium not installed; the report screenshot test will be skipped"
 
+# Unit tests plus the integration tests on real MiniLM and ../shared/data (correctness figures);
+# `test-all` adds the slow ones (MTEB on SciFact, TREC DL sub-collections), ~15 more minutes on 2 cores.
 test: install browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests -m "not slow" --durations=15
+
+test-all: install browser
+	$(BIN)/python -m pytest -q tests --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not integration and not slow"

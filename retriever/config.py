@@ -129,11 +129,51 @@ class TrainingConfig(_Strict):
     keep_last: int = Field(2, gt=0)
 
 
+class DevSetConfig(_Strict):
+    """A BEIR folder scored during training. Use a dev split; never a test split."""
+
+    path: str
+    split: str = "dev"
+    name: str | None = None
+
+
+class EvaluationConfig(_Strict):
+    """Checkpoint scoring during training (:class:`eval.checkpoint_scoring.CheckpointScorer`): every
+    ``every_steps`` the model is scored on the dev sets, the best is kept in ``<output>/best/``, and training
+    stops after ``early_stopping_patience`` evaluations without improvement."""
+
+    dev_sets: list[DevSetConfig] = Field(default_factory=list)
+    held_out_dev: bool = Field(False, description="also score the data.dev_fraction queries held out of a "
+                                                  "BEIR training split, against that folder's corpus")
+    metric: str = "ndcg@10"
+    every_steps: int = Field(500, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0)
+    keep_best: bool = True
+    k: int = Field(100, gt=0, description="documents retrieved per dev query")
+
+    @model_validator(mode="after")
+    def _has_something_to_score(self) -> "EvaluationConfig":
+        if not self.dev_sets and not self.held_out_dev:
+            raise ValueError("the evaluation section needs dev_sets or held_out_dev: true")
+        from eval.metrics import parse_metric
+
+        parse_metric(self.metric)
+        return self
+
+
 class TrainConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     negatives: NegativesConfig = Field(default_factory=NegativesConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig | None = None
+
+    @model_validator(mode="after")
+    def _held_out_dev_needs_beir(self) -> "TrainConfig":
+        ev = self.evaluation
+        if ev is not None and ev.held_out_dev and (self.data.beir is None or self.data.dev_fraction == 0):
+            raise ValueError("evaluation.held_out_dev needs a data.beir source and data.dev_fraction > 0")
+        return self
 
     @field_validator("data", mode="before")
     @classmethod
@@ -214,17 +254,17 @@ def _parse_scalar(value: str) -> Any:
     return parsed
 
 
-def _resolve_data_paths(data: dict, config_path: Path) -> None:
+def _resolve_paths(section: dict, keys: Sequence[str], config_path: Path) -> None:
     """Relative paths: working directory first, then the parent of the config file's folder."""
     fallback_root = config_path.resolve().parent.parent
-    for key in PATH_KEYS:
-        value = data.get(key)
+    for key in keys:
+        value = section.get(key)
         if not isinstance(value, str) or Path(value).expanduser().is_absolute():
             continue
         path = Path(value).expanduser()
         candidate = path if path.exists() else fallback_root / path
         if candidate.exists():  # otherwise left as given: the reader reports it (or it is a hub dataset name)
-            data[key] = str(candidate.resolve())
+            section[key] = str(candidate.resolve())
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -240,7 +280,11 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
         raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(TrainConfig.model_fields)})")
     raw = apply_overrides(raw, overrides)
     if isinstance(raw.get("data"), dict):
-        _resolve_data_paths(raw["data"], path)
+        _resolve_paths(raw["data"], PATH_KEYS, path)
+    if isinstance(raw.get("evaluation"), dict):
+        for dev_set in raw["evaluation"].get("dev_sets") or []:
+            if isinstance(dev_set, dict):
+                _resolve_paths(dev_set, ("path",), path)
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:

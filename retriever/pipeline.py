@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from retriever.config import ConfigError, TrainConfig, _resolve_data_paths, apply_overrides, load_config
+from retriever.config import PATH_KEYS, ConfigError, TrainConfig, _resolve_paths, apply_overrides, load_config
 
 
 def is_pipeline(path: str | Path) -> bool:
@@ -58,7 +58,7 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> list[tuple
         elif isinstance(stage["config"], dict):
             body = apply_overrides(dict(stage["config"]), stage_overrides)
             if isinstance(body.get("data"), dict):
-                _resolve_data_paths(body["data"], path)
+                _resolve_paths(body["data"], PATH_KEYS, path)
             try:
                 cfg = TrainConfig.model_validate(body)
             except Exception as exc:

@@ -133,7 +133,7 @@ def _evaluate(model_path: str, folder: Path, output: Path, opts: QuickstartOptio
     total = _count_texts(folder, opts.eval_split)
     with _encoding_progress(model, total, console, f"encode ({what})"):
         result = evaluate_beir(model, folder, split=opts.eval_split, output_dir=output, k=1000,
-                               batch_size=opts.eval_batch_size, bf16=_has_native_bf16())
+                               batch_size=opts.eval_batch_size, bf16=None)
     m = result["metrics"]
     console.print(f"{what}: nDCG@10 {m['ndcg@10']:.4f}  MRR@10 {m['mrr@10']:.4f}  Recall@100 {m['recall@100']:.4f}  "
                   f"({result['num_queries']} queries, {result['num_docs']:,} documents, "
@@ -142,7 +142,10 @@ def _evaluate(model_path: str, folder: Path, output: Path, opts: QuickstartOptio
 
 
 def _train_config(model_path: str, folder: Path, opts: QuickstartOptions):
+    import torch
+
     from retriever.config import TrainConfig
+    from retriever.modeling import bf16_supported
 
     return TrainConfig.model_validate({
         "model": {"name": model_path, "query_max_length": opts.query_max_length, "doc_max_length": opts.doc_max_length},
@@ -150,20 +153,8 @@ def _train_config(model_path: str, folder: Path, opts: QuickstartOptions):
         "negatives": {"strategy": "inbatch"},
         "training": {"learning_rate": opts.learning_rate, "batch_size": opts.batch_size, "epochs": opts.epochs,
                      "max_steps": opts.max_steps or None, "warmup_ratio": 0.1, "temperature": 0.05,
-                     "bf16": _has_native_bf16(), "seed": 42, "log_every": 5},
+                     "bf16": bf16_supported("cuda" if torch.cuda.is_available() else "cpu"), "seed": 42, "log_every": 5},
     })
-
-
-def _has_native_bf16() -> bool:
-    """bf16 autocast only pays where the hardware has bf16 units; on AVX2-only CPUs it is slower."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _results_table(before: dict, after: dict | None, split: str) -> Table:
@@ -182,6 +173,17 @@ def _results_table(before: dict, after: dict | None, split: str) -> Table:
         colour = "green" if a > b else "red" if a < b else "white"
         table.add_row(name, f"{b:.4f}", f"{a:.4f}", f"[{colour}]{a - b:+.4f}[/]")
     return table
+
+
+def _write_report(output: Path, trained: bool) -> Path:
+    """The before/after report of ``negatron report``: table, charts, loss curve, paired significance test."""
+    from eval.report import write_report
+
+    runs, names = [output / "eval" / "zero-shot"], ["zero-shot"]
+    if trained:
+        runs.append(output / "train")
+        names.append("fine-tuned")
+    return write_report(runs, output / "report", names=names)
 
 
 def run_quickstart(opts: QuickstartOptions | None = None, console: Console | None = None) -> dict:
@@ -223,7 +225,8 @@ def run_quickstart(opts: QuickstartOptions | None = None, console: Console | Non
 
         _heading(console, 4, f"fine-tuned evaluation ({opts.eval_split} split)")
         start = time.perf_counter()
-        after = _evaluate(str(final), folder, output / "eval" / "fine-tuned", opts, console, "fine-tuned")
+        # Inside the training run folder, so the report pairs these figures with the run's loss curve.
+        after = _evaluate(str(final), folder, output / "train" / "eval", opts, console, "fine-tuned")
         timings["fine_tuned_eval_s"] = time.perf_counter() - start
     else:
         console.print(f"[yellow]{folder / 'qrels' / 'train.tsv'} does not exist: skipping fine-tuning (stages 3-4).")
@@ -244,10 +247,13 @@ def run_quickstart(opts: QuickstartOptions | None = None, console: Console | Non
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
+    report = _write_report(output, trained=final is not None)
+    summary["report"] = str(report)
     write_text_atomic(output / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     if final:
         console.print(f"fine-tuned model (sentence-transformers format): [bold]{final}[/]")
         console.print(f"training log: {output / 'train' / 'train_log.jsonl'}")
-    console.print(f"metrics, runs and per-query scores: {output / 'eval'}")
+    console.print(f"metrics, runs and per-query scores: {output / 'eval'}" + (f", {output / 'train' / 'eval'}" if final else ""))
+    console.print(f"report (tables, plots, significance test): [bold]{report}[/]")
     console.print(f"summary: {output / SUMMARY_FILE}    total time {timings['total_s'] / 60:.1f} min")
     return summary

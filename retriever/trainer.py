@@ -24,6 +24,7 @@ from retriever.checkpoint import (Position, list_checkpoints, load_position, loa
                                   save_checkpoint)
 from retriever.config import TrainConfig
 from retriever.distributed import average_gradients, barrier, gather_objects, init_distributed, mean_across
+from retriever.data import write_jsonl_atomic
 from retriever.io import write_text_atomic
 from retriever.losses import ContrastiveLoss
 from retriever.modeling import BiEncoder
@@ -32,6 +33,7 @@ from retriever.step import grad_cache_step, plain_step
 from retriever.train_data import BatchCollator, epoch_order, load_examples, split_dev, write_examples
 
 LOG_FILE = "train_log.jsonl"
+HELD_OUT_DEV_DIR = "held_out_dev"
 
 
 def seed_everything(seed: int) -> None:
@@ -83,6 +85,34 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, t.weight_decay), lr=t.learning_rate)
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, int(round(t.warmup_ratio * self.total_steps)), self.total_steps)
+        self.scorer = self._make_scorer()
+
+    def _make_scorer(self):
+        """The checkpoint scorer of the ``evaluation`` section (main process only), or None."""
+        ev = self.config.evaluation
+        if ev is None or not self.dist.is_main:
+            return None
+        from eval.checkpoint_scoring import CheckpointScorer
+
+        dev_sets = [{"name": d.name, "path": d.path, "split": d.split} for d in ev.dev_sets]
+        if ev.held_out_dev:
+            dev_sets.append({"name": "held-out-dev", "path": self.output_dir / HELD_OUT_DEV_DIR, "split": "dev"})
+        return CheckpointScorer(dev_sets, metric=ev.metric, every_steps=ev.every_steps, keep_best=ev.keep_best,
+                                early_stopping_patience=ev.early_stopping_patience, k=ev.k, bf16=self.config.training.bf16)
+
+    def _write_held_out_dev(self) -> None:
+        """The queries held out by ``data.dev_fraction`` as a BEIR folder over the training corpus, so the
+        checkpoint scorer retrieves them from the full corpus like any BEIR dev set."""
+        folder = self.output_dir / HELD_OUT_DEV_DIR
+        (folder / "qrels").mkdir(parents=True, exist_ok=True)
+        corpus = Path(self.config.data.beir).resolve() / "corpus.jsonl"
+        link = folder / "corpus.jsonl"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(corpus)
+        write_jsonl_atomic(folder / "queries.jsonl", ({"_id": e.query_id, "text": e.query} for e in self.dev_examples))
+        rows = "".join(f"{e.query_id}\t{d}\t1\n" for e in self.dev_examples for d in e.positive_ids)
+        write_text_atomic(folder / "qrels" / "dev.tsv", "query-id\tcorpus-id\tscore\n" + rows)
 
     def _load_model(self) -> BiEncoder:
         m = self.config.model
@@ -140,6 +170,8 @@ class Trainer:
             write_text_atomic(self.output_dir / "config.yaml", self.config.to_yaml())
             if self.dev_examples:
                 write_examples(self.output_dir / "dev.jsonl", self.dev_examples)
+            if self.config.evaluation is not None and self.config.evaluation.held_out_dev:
+                self._write_held_out_dev()
         self.strategy.prepare(self)
         if self.resume_from is None:
             if self.dist.is_main:
@@ -186,6 +218,8 @@ class Trainer:
                     window_losses, window_start = [], now
                 if t.save_every and done % t.save_every == 0:
                     self._save_checkpoint(done)
+                if self._score_checkpoint(done):
+                    break
         finally:
             bar.close()
             if log:
@@ -195,6 +229,18 @@ class Trainer:
             self.model.save(final)
         barrier(self.dist)
         return final
+
+    def _score_checkpoint(self, step: int) -> bool:
+        """Score the model on the dev sets when due; True when early stopping says to stop."""
+        stop = False
+        if self.scorer is not None and self.scorer.due(step):
+            line = self.scorer.score(self.model, step, self.output_dir)
+            print(f"step {step}: dev {line['metric']} {line['score']:.4f} (best {line['best_score']:.4f} "
+                  f"at step {line['best_step']})", flush=True)
+            stop = self.scorer.should_stop
+        if self.config.evaluation is not None:
+            stop = bool(gather_objects(stop, self.dist)[0])  # every process follows the main one's decision
+        return stop
 
     def _save_checkpoint(self, step: int) -> None:
         states = gather_objects(rng_state(), self.dist)

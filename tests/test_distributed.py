@@ -1,5 +1,6 @@
 """Two gloo processes on CPU compute the same loss and gradients as one process on the same global batch."""
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -36,8 +37,16 @@ def worker(rank, init_file, model_dir, examples, out):
     torch.distributed.destroy_process_group()
 
 
-def test_two_gloo_processes_match_one_process(tiny_model_dir, shared_data, tmp_path):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (two gloo workers share 2 cores), restored afterwards for later tests."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_two_gloo_processes_match_one_process(tiny_model_dir, shared_data, tmp_path, one_thread):
     examples = list(iter_triples(shared_data / "msmarco" / "samples" / "triples.train.small.head100.tsv"))[:8]
     out = tmp_path / "rank0.pt"
     mp.spawn(worker, args=(str(tmp_path / "init"), str(tiny_model_dir), examples, str(out)), nprocs=WORLD, join=True)

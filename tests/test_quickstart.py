@@ -41,8 +41,13 @@ def test_quickstart_end_to_end_tiny(tiny_model_dir, slice_cache, tmp_path):
     assert summary["zero_shot"]["recall@100"] == 1.0
     # The weights changed, so the fine-tuned ranking differs from the zero-shot one.
     before = (run / "eval" / "zero-shot").rglob("run.trec")
-    after = (run / "eval" / "fine-tuned").rglob("run.trec")
+    after = (run / "train" / "eval").rglob("run.trec")
     assert next(before).read_text() != next(after).read_text()
+    # It ends with the before/after report, and says where it is.
+    report = run / "report" / "index.html"
+    assert summary["report"] == str(report) and "report (tables, plots" in text
+    page = report.read_text()
+    assert "zero-shot" in page and "fine-tuned" in page and (run / "report" / "plots" / "loss.png").is_file()
     assert summary["dataset_stats"]["documents"] == 60
 
 

@@ -130,3 +130,31 @@ def test_grad_cache_training_matches_plain_training(tiny_model_dir, triples_path
     a = BiEncoder.from_pretrained(plain).state_dict()
     b = BiEncoder.from_pretrained(cached).state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_checkpoint_scoring_keeps_best_and_stops_early(tiny_model_dir, tmp_path):
+    """The evaluation section scores the held-out dev queries against the corpus every N steps,
+    keeps the best model in best/, and early stopping ends training before max_steps."""
+    from _eval_data import write_toy_beir
+
+    beir = write_toy_beir(tmp_path / "toy", split="train",
+                          qrels={q: {f"d{i}": 1} for i, q in enumerate(["q1", "q2", "q4", "q5"] * 1, start=1)})
+    config = TrainConfig.model_validate({
+        "model": {"name": str(tiny_model_dir), "doc_max_length": 32, "query_max_length": 16},
+        "data": {"beir": str(beir), "split": "train", "dev_fraction": 0.5, "dev_seed": 0},
+        "training": {"batch_size": 2, "max_steps": 20, "learning_rate": 1e-12, "seed": 0, "log_every": 1},
+        "evaluation": {"held_out_dev": True, "every_steps": 1, "early_stopping_patience": 2, "k": 10},
+    })
+    out = tmp_path / "run"
+    train(config, out)
+    lines = [json.loads(line) for line in (out / "checkpoint_eval.jsonl").read_text().splitlines()]
+    assert lines and all("held-out-dev" in line["eval"] for line in lines)
+    assert len(lines) < 20, "early stopping should end the run before max_steps"
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["score"] == max(line["score"] for line in lines)
+    assert (out / "best" / "modules.json").exists()
+
+
+def test_evaluation_section_needs_something_to_score(tiny_model_dir):
+    with pytest.raises(ValueError, match="dev_sets or held_out_dev"):
+        TrainConfig.model_validate({"data": {"beir": "x"}, "evaluation": {"every_steps": 5}})
