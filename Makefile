@@ -8,7 +8,7 @@ EXTRAS ?= test,bm25,serve,mteb
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.negatron-installed
 
-.PHONY: install quickstart browser test test-all test-fast clean browser
+.PHONY: install quickstart browser test test-all test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -3,7 +3,7 @@
 Every arm fine-tunes all-MiniLM-L6-v2 for the same number of optimizer steps (one epoch of the train
 split minus the dev carve-out, batch 32, lr 2e-5, seed 42) and is scored on the held-out train queries
 (nDCG@10, MRR@10, Recall@100 against the full 5,183-document corpus). Never the test qrels.
-Each arm's result is appended to ``<work>/results.json``; the table in docs/benchmarks/ablation.md is
+Each arm's result is appended to ``<work>/results.json``; the table in bench/results/ablation.md (copied into docs/benchmarks.md) is
 rebuilt from all results so far, so arms can be run in separate invocations:
 
     .venv/bin/python bench/ablation_scifact.py --arms zero-shot inbatch gist
@@ -209,7 +209,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation")
-    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks" / "ablation.md")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "ablation.md")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results_path = args.work / "results.json"

@@ -2,7 +2,7 @@
 
 Trains the student (all-MiniLM-L6-v2) on SciFact train with the all-mpnet-base-v2 guide for a few steps
 both ways and reports seconds per step, the one-off cache cost, the guide's share of a step, and checks
-that both ways mask the same candidates. Writes docs/benchmarks/gist.md.
+that both ways mask the same candidates. Writes bench/results/gist.md (copied into docs/benchmarks.md).
 
     .venv/bin/python bench/gist_cache_speed.py --steps 5 --batch-size 32 [--max-examples 160]
 """
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-examples", type=int, default=None,
                         help="train on the first N examples only (the cache then covers N queries + their positives)")
-    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks" / "gist.md")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "gist.md")
     parser.add_argument("--only", choices=["cached", "per-step"], help="run one variant and save it to --json")
     parser.add_argument("--json", type=Path, help="where --only writes its result")
     parser.add_argument("--report", nargs=2, type=Path, metavar=("PER_STEP_JSON", "CACHED_JSON"),

@@ -3,7 +3,7 @@ with MultipleNegativesRankingLoss, same model (all-MiniLM-L6-v2), batch size, ma
 SciFact train pairs, fp32 and bf16. Each measurement runs in its own subprocess, back to back.
 
     python bench/train_throughput.py --data ../shared/data/beir/scifact --steps 20 --warmup 3 \
-        --markdown docs/benchmarks/training.md
+        --markdown bench/results/training.md
 """
 
 from __future__ import annotations
