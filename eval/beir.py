@@ -28,17 +28,12 @@ def load_model(model, **overrides):
     return BiEncoder.from_pretrained(str(model), **{k: v for k, v in overrides.items() if v is not None})
 
 
-def encode_texts(model, texts: Sequence[str], kind: str, batch_size: int = 64, bf16: bool | None = None) -> np.ndarray:
-    """Float32 embeddings through the fast encoder in ``index.encode`` when it is installed,
-    else ``BiEncoder.encode``."""
-    try:
-        from index.encode import encode_texts as fast_encode
-    except ImportError:
-        return model.encode(list(texts), kind=kind, batch_size=batch_size, bf16=bf16)
-    return fast_encode(model, list(texts), kind, batch_size, bf16)
+def encode_texts(model, texts: Sequence[str], kind: str, batch_size: int | None = None, bf16: bool | None = None) -> np.ndarray:
+    """Float32 embeddings (``BiEncoder.encode``: tokenised once, sorted by length)."""
+    return model.encode(list(texts), kind=kind, batch_size=batch_size, bf16=bf16)
 
 
-def dense_search(model, corpus, query_texts: Sequence[str], k: int, batch_size: int = 64, bf16: bool | None = None,
+def dense_search(model, corpus, query_texts: Sequence[str], k: int, batch_size: int | None = None, bf16: bool | None = None,
                  index_dir=None, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(scores, rows, doc_ids) of the exact top-``k`` for each query.
 
@@ -110,7 +105,7 @@ def evaluate_run(name: str, split: str, model_name: str, queries: Mapping[str, s
 
 
 def evaluate_corpus(model, name: str, corpus, queries: Mapping[str, str], qrels, *, split: str = "test",
-                    output_dir=None, k: int = 1000, batch_size: int = 64, bf16: bool | None = None,
+                    output_dir=None, k: int = 1000, batch_size: int | None = None, bf16: bool | None = None,
                     index_dir=None, metrics: Sequence[str] = DEFAULT_METRICS, relevance_level: int = 1,
                     ignore_identical_ids: bool = True) -> dict:
     """Encode, search and score one corpus/queries/qrels triple (queries without judgements are skipped)."""
@@ -129,7 +124,7 @@ def evaluate_corpus(model, name: str, corpus, queries: Mapping[str, str], qrels,
                                "timings": {key: round(v, 3) for key, v in timings.items()}})
 
 
-def evaluate_beir(model, data_dir, split: str = "test", output_dir=None, k: int = 1000, batch_size: int = 64,
+def evaluate_beir(model, data_dir, split: str = "test", output_dir=None, k: int = 1000, batch_size: int | None = None,
                   bf16: bool | None = None, index_dir=None, metrics: Sequence[str] = DEFAULT_METRICS,
                   ignore_identical_ids: bool = True) -> dict:
     """Evaluate ``model`` (BiEncoder, path or name) on the BEIR folder ``data_dir``.

@@ -41,7 +41,7 @@ class CheckpointScorer:
 
     def __init__(self, dev_sets: Sequence[Mapping | DevSet], metric: str = "ndcg@10", every_steps: int = 500,
                  keep_best: bool = True, early_stopping_patience: int | None = None, k: int = 100,
-                 batch_size: int = 64, bf16: bool | None = None):
+                 batch_size: int | None = None, bf16: bool | None = None):
         parse_metric(metric)
         if not dev_sets:
             raise ValueError("CheckpointScorer needs at least one dev set ({name, path, split})")

@@ -54,7 +54,7 @@ def beir_command(
     data: List[Path] = typer.Option(..., "--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/); repeatable."),
     output: Path = typer.Option(..., "--output", help="Output folder; one subfolder per dataset."),
     split: str = typer.Option("test", help="qrels split to score."),
-    batch_size: int = typer.Option(64, help="Encoding batch size."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Encoding batch size (default: 16 on CPU, 128 on GPU)."),
     k: int = typer.Option(1000, help="Documents retrieved per query."),
     index: Optional[Path] = typer.Option(None, "--index", help="Prebuilt dense index folder (one --data only)."),
     fp32: bool = typer.Option(False, "--fp32", help="Encode in fp32 instead of bf16 autocast."),
@@ -87,7 +87,7 @@ def msmarco_command(
     data: Optional[Path] = typer.Option(None, "--data", help="A BEIR-layout folder instead of the three files."),
     preset: str = typer.Option("dev", help="dev (MRR@10, R@1000), dl19 or dl20 (nDCG@10, R@1000 at grade ≥ 2)."),
     name: Optional[str] = typer.Option(None, help="Output subfolder name (default: the preset's)."),
-    batch_size: int = typer.Option(64, help="Encoding batch size."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Encoding batch size (default: 16 on CPU, 128 on GPU)."),
     k: int = typer.Option(1000, help="Passages retrieved per query."),
     index: Optional[Path] = typer.Option(None, "--index", help="Prebuilt dense index folder."),
     fp32: bool = typer.Option(False, "--fp32", help="Encode in fp32 instead of bf16 autocast."),
@@ -113,7 +113,7 @@ def mteb_command(
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated mteb task names, e.g. SciFact,NFCorpus."),
     data: List[Path] = typer.Option([], "--data", help="Local BEIR folder run as an mteb retrieval task; repeatable."),
     split: str = typer.Option("test", help="Split for local BEIR folders."),
-    batch_size: int = typer.Option(64, help="Encoding batch size."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Encoding batch size (default: 16 on CPU, 128 on GPU)."),
     fp32: bool = typer.Option(False, "--fp32", help="Encode in fp32 instead of bf16 autocast."),
 ) -> None:
     """Run MTEB tasks (registered ones from the local HF cache, or local BEIR folders) offline."""

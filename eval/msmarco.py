@@ -28,7 +28,7 @@ PRESETS = {
 
 
 def evaluate_msmarco(model, *, collection=None, queries=None, qrels=None, data_dir=None, preset: str = "dev",
-                     output_dir=None, k: int = 1000, batch_size: int = 64, bf16: bool | None = None,
+                     output_dir=None, k: int = 1000, batch_size: int | None = None, bf16: bool | None = None,
                      index_dir=None, name: str | None = None) -> dict:
     """Evaluate on ``collection`` (``pid<TAB>passage`` TSV or corpus.jsonl) + ``queries`` (TSV) +
     ``qrels`` (TREC or MS MARCO TSV), or on a BEIR-layout ``data_dir`` (test split).

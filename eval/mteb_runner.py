@@ -32,7 +32,7 @@ def _wrapper_class():
     from mteb.types import PromptType
 
     class BiEncoderForMteb(AbsEncoder):
-        def __init__(self, model, batch_size: int = 64, bf16: bool | None = None, name: str | None = None):
+        def __init__(self, model, batch_size: int | None = None, bf16: bool | None = None, name: str | None = None):
             self.model = model
             self.batch_size = batch_size
             self.bf16 = bf16
@@ -57,7 +57,7 @@ def _wrapper_class():
     return BiEncoderForMteb
 
 
-def mteb_model(model, batch_size: int = 64, bf16: bool | None = None, name: str | None = None):
+def mteb_model(model, batch_size: int | None = None, bf16: bool | None = None, name: str | None = None):
     """An mteb encoder around a BiEncoder (or a model path/name)."""
     from eval.beir import load_model
 
@@ -154,7 +154,7 @@ def _load_offline(task) -> None:
 
 
 def run_mteb(model, tasks: Sequence[str] = (), data_dirs: Sequence = (), output_dir=None, split: str = "test",
-             batch_size: int = 64, bf16: bool | None = None) -> list[dict]:
+             batch_size: int | None = None, bf16: bool | None = None) -> list[dict]:
     """Evaluate on registered mteb ``tasks`` and local BEIR ``data_dirs``; write mteb's result JSON
     (``<output_dir>/<task>.json``) and return one summary dict per task and split."""
     import mteb
@@ -164,7 +164,7 @@ def run_mteb(model, tasks: Sequence[str] = (), data_dirs: Sequence = (), output_
     for task in _registered_tasks(tasks):
         _load_offline(task)
         task_objs.append(task)
-    result = mteb.evaluate(encoder, task_objs, cache=None, encode_kwargs={"batch_size": batch_size},
+    result = mteb.evaluate(encoder, task_objs, cache=None, encode_kwargs={"batch_size": 256},  # mteb's loader; our encoder re-batches by length
                            show_progress_bar=False)
     summaries = []
     out = Path(output_dir) if output_dir is not None else None

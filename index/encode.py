@@ -67,43 +67,12 @@ def model_fingerprint(model, kind: str = "document") -> str:
     return h.hexdigest()
 
 
-def _encode(model, texts: Sequence[str], kind: str, batch_size: int, bf16: bool, progress=None) -> np.ndarray:
-    """Float32 embeddings in input order: tokenise once, sort by token length, pad per batch."""
-    import torch
-
-    from retriever.modeling import autocast, pool
-
-    out = np.empty((len(texts), model.dim), dtype=np.float32)
-    if not len(texts):
-        return out
-    prefix = model.query_prefix if kind == "query" else model.doc_prefix
-    max_length = model.query_max_length if kind == "query" else model.doc_max_length
-    enc = model.tokenizer([prefix + t for t in texts], truncation=True, max_length=max_length)
-    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in enc]
-    order = np.argsort([-len(ids) for ids in enc["input_ids"]], kind="stable")
-    tower = model.tower(kind)
-    was_training = tower.training
-    tower.eval()
-    device = model.device
-    try:
-        with torch.inference_mode(), autocast(device, bf16):
-            for start in range(0, len(texts), batch_size):
-                idx = order[start:start + batch_size]
-                batch = model.tokenizer.pad({c: [enc[c][i] for i in idx] for c in columns}, return_tensors="pt")
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                hidden = tower(**batch).last_hidden_state
-                emb = pool(hidden.float(), batch["attention_mask"], model.pooling)
-                if model.normalize:
-                    emb = torch.nn.functional.normalize(emb, dim=-1)
-                out[idx] = emb.cpu().numpy()
-                if progress is not None:
-                    progress.update(len(idx))
-    finally:
-        tower.train(was_training)
-    return out
+def _encode(model, texts: Sequence[str], kind: str, batch_size: int | None, bf16: bool, progress=None) -> np.ndarray:
+    """Float32 embeddings in input order (see :meth:`BiEncoder.encode`: tokenise once, sort by length)."""
+    return model.encode(list(texts), kind=kind, batch_size=batch_size, bf16=bf16, progress=progress)
 
 
-def encode_texts(model, texts: Sequence[str], kind: str = "query", batch_size: int = 64,
+def encode_texts(model, texts: Sequence[str], kind: str = "query", batch_size: int | None = None,
                  bf16: bool | None = None) -> np.ndarray:
     """Float32 ``[len(texts), dim]`` embeddings of ``texts`` as queries or documents."""
     if kind not in ("query", "document"):
@@ -132,7 +101,7 @@ def _open_corpus(corpus) -> Corpus:
     return Corpus(resolve_corpus_path(corpus))
 
 
-def encode_corpus(model, corpus, output_dir, *, batch_size: int = 64, bf16: bool | None = None,
+def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, bf16: bool | None = None,
                   shard_size: int = 100_000, show_progress: bool = True, dtype: str = "float16",
                   overwrite: bool = False) -> EmbeddingStore:
     """Encode every document (``title + " " + text``) of ``corpus`` into ``output_dir``.

@@ -46,7 +46,7 @@ def mine_command(
     scorer_type: ScorerType = typer.Option(ScorerType.cross_encoder, "--scorer-type", help="kind of --scorer"),
     scorer_threshold: Optional[float] = typer.Option(None, "--scorer-threshold", help="drop candidates the scorer rates above this"),
     seed: int = typer.Option(42, "--seed", help="seed for --sampling random"),
-    batch_size: int = typer.Option(64, "--batch-size", help="encoding batch size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="encoding batch size (default: 16 on CPU, 128 on GPU)"),
     query_batch_size: int = typer.Option(256, "--query-batch-size", help="queries searched per chunk (bounds memory)"),
     device: Optional[str] = typer.Option(None, "--device", help="torch device for the models (default cpu)"),
     fp32: bool = typer.Option(False, "--fp32", help="encode in fp32 instead of bf16 autocast"),

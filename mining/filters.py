@@ -157,7 +157,7 @@ class BiEncoderScorer:
 
     kind = "bi-encoder"
 
-    def __init__(self, model_name_or_path: str, device: str | None = None, batch_size: int = 64, bf16: bool | None = None):
+    def __init__(self, model_name_or_path: str, device: str | None = None, batch_size: int | None = None, bf16: bool | None = None):
         from retriever.modeling import BiEncoder
 
         self.name = str(model_name_or_path)

@@ -175,7 +175,7 @@ class DenseRetriever:
 
     name = "dense"
 
-    def __init__(self, index, model, *, batch_size: int = 64, bf16: bool | None = None,
+    def __init__(self, index, model, *, batch_size: int | None = None, bf16: bool | None = None,
                  doc_lookup: "DocEmbeddingLookup | None" = None):
         self.index, self.model, self.batch_size, self.bf16 = index, model, batch_size, bf16
         self.doc_lookup = doc_lookup

@@ -174,7 +174,7 @@ class MiningService:
     def __init__(self, index_dir: str | Path, model, corpus: str | Path | None = None,
                  watch_dir: str | Path | None = None, refresh_every: float | None = None, device: str | None = None,
                  *, queries: str | Path | dict | None = None, split: str = "train", work_dir: str | Path | None = None,
-                 poll_seconds: float = 10.0, batch_size: int = 64, bf16: bool | None = None):
+                 poll_seconds: float = 10.0, batch_size: int | None = None, bf16: bool | None = None):
         from index.faiss_index import DenseIndex
 
         from retriever.modeling import BiEncoder

@@ -121,7 +121,10 @@ class TrainingConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     temperature: float = Field(0.05, gt=0)
-    bf16: bool = False
+    loss: Literal["infonce", "decoupled"] = Field(
+        "infonce", description="contrastive loss: InfoNCE, or decoupled (positive removed from the denominator)")
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 autocast; auto: on where the hardware computes bf16 natively (CUDA, AVX512-BF16/AMX CPUs)")
     seed: int = 42
     num_threads: int | None = Field(None, gt=0, description="torch CPU threads; None keeps torch's default")
     log_every: int = Field(10, gt=0)

@@ -42,7 +42,7 @@ class QuickstartOptions:
     learning_rate: float = 5e-5
     query_max_length: int = 64
     doc_max_length: int = 256           # code is long: 256 word pieces hold the signature and most bodies
-    eval_batch_size: int = 64
+    eval_batch_size: int | None = None
     eval_split: str = "test"            # "dev" for tuning: never tune on test
     max_queries: int | None = None      # stdlib task only: at most this many queries per split
     max_docs: int | None = None         # stdlib task only: at most this many documents

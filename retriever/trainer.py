@@ -26,8 +26,8 @@ from retriever.config import TrainConfig
 from retriever.distributed import average_gradients, barrier, gather_objects, init_distributed, mean_across
 from retriever.data import write_jsonl_atomic
 from retriever.io import write_text_atomic
-from retriever.losses import ContrastiveLoss
-from retriever.modeling import BiEncoder
+from retriever.losses import CONTRASTIVE_LOSSES
+from retriever.modeling import BiEncoder, bf16_supported
 from retriever.negatives import get_strategy
 from retriever.step import grad_cache_step, plain_step
 from retriever.train_data import BatchCollator, epoch_order, load_examples, split_dev, write_examples
@@ -61,6 +61,7 @@ class Trainer:
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.bf16 = bf16_supported(self.device) if t.bf16 == "auto" else t.bf16
         existing = list_checkpoints(self.output_dir)
         if existing and not resume:
             raise ValueError(f"{self.output_dir} already holds checkpoints; pass --resume to continue that run "
@@ -80,7 +81,7 @@ class Trainer:
         self.model = self._load_model().to(self.device)
         self.model.train()
         self.strategy = get_strategy(config.negatives.strategy)(config.negatives.options)
-        self.loss_fn = ContrastiveLoss(t.temperature)
+        self.loss_fn = CONTRASTIVE_LOSSES[t.loss](t.temperature)
         self.collator = BatchCollator(self.strategy, t.seed, self.dist.rank, self.dist.world_size)
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, t.weight_decay), lr=t.learning_rate)
         self.scheduler = get_linear_schedule_with_warmup(
@@ -98,7 +99,7 @@ class Trainer:
         if ev.held_out_dev:
             dev_sets.append({"name": "held-out-dev", "path": self.output_dir / HELD_OUT_DEV_DIR, "split": "dev"})
         return CheckpointScorer(dev_sets, metric=ev.metric, every_steps=ev.every_steps, keep_best=ev.keep_best,
-                                early_stopping_patience=ev.early_stopping_patience, k=ev.k, bf16=self.config.training.bf16)
+                                early_stopping_patience=ev.early_stopping_patience, k=ev.k, bf16=self.bf16)
 
     def _write_held_out_dev(self) -> None:
         """The queries held out by ``data.dev_fraction`` as a BEIR folder over the training corpus, so the
@@ -129,8 +130,8 @@ class Trainer:
             return custom
         if t.grad_cache:
             return grad_cache_step(self.model, batch, self.loss_fn, self.strategy, chunk_size=t.grad_cache_chunk_size,
-                                   bf16=t.bf16, scale=scale, dist_ctx=self.dist)
-        return plain_step(self.model, batch, self.loss_fn, self.strategy, bf16=t.bf16, scale=scale, dist_ctx=self.dist)
+                                   bf16=self.bf16, scale=scale, dist_ctx=self.dist)
+        return plain_step(self.model, batch, self.loss_fn, self.strategy, bf16=self.bf16, scale=scale, dist_ctx=self.dist)
 
     def _batches(self, step: int):
         """The micro-batches of optimizer step ``step`` (0-based) for this process."""
@@ -210,7 +211,7 @@ class Trainer:
                     row = {"step": done, "epoch": step // self.steps_per_epoch, "loss": float(np.mean(window_losses)),
                            "lr": self.scheduler.get_last_lr()[0],
                            "pairs_per_s": pairs_per_step * len(window_losses) / (now - window_start),
-                           "elapsed": now - began, **self.strategy.log_metrics()}
+                           "elapsed": now - began, "bf16": self.bf16, **self.strategy.log_metrics()}
                     bar.set_postfix(loss=f"{row['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.1f}")
                     if log:
                         log.write(json.dumps(row) + "\n")

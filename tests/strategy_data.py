@@ -58,7 +58,7 @@ def corpus_texts(folder: Path) -> list[str]:
 def tiny_config(folder: Path, model: Path, strategy: str, options: dict, **training) -> dict:
     """A TrainConfig dict for a few fast steps of the tiny model on the mini BEIR folder."""
     base = {"batch_size": 4, "max_steps": 4, "learning_rate": 1e-3, "warmup_ratio": 0.0, "log_every": 1, "seed": 0,
-            "num_threads": 1}
+            "num_threads": 1, "bf16": False}
     base.update(training)
     return {"model": {"name": str(model), "query_max_length": 32, "doc_max_length": 64},
             "data": {"beir": str(folder), "split": "train"},

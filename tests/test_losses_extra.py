@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -80,15 +81,41 @@ def test_ar2_losses():
 
 
 def test_decoupled_loss_removes_positive_from_denominator():
-    scores = torch.tensor([[0.9, 0.1, 0.2], [0.3, 0.8, -0.1]])
-    loss = DecoupledContrastiveLoss(scale=1.0)(scores)
+    q = torch.eye(3)[:2]  # scores = q @ d.T picks columns of d
+    d = torch.tensor([[0.9, 0.3, 0.0], [0.1, 0.8, 0.0], [0.2, -0.1, 0.0]])
+    scores = q @ d.T  # [[0.9, 0.1, 0.2], [0.3, 0.8, -0.1]]
+    targets = torch.tensor([0, 1])
+    loss = DecoupledContrastiveLoss(temperature=1.0)(q, d, targets)
     expected = torch.stack([torch.logsumexp(torch.tensor([0.1, 0.2]), 0) - 0.9,
                             torch.logsumexp(torch.tensor([0.3, -0.1]), 0) - 0.8]).mean()
     assert torch.allclose(loss, expected)
+    assert torch.allclose(scores[0], torch.tensor([0.9, 0.1, 0.2]))
     # Moving the positive changes the loss linearly (no softmax coupling).
-    bumped = scores.clone()
+    bumped = d.clone()
     bumped[0, 0] += 1.0
-    assert torch.allclose(DecoupledContrastiveLoss(scale=1.0)(bumped), loss - 0.5)
+    assert torch.allclose(DecoupledContrastiveLoss(temperature=1.0)(q, bumped, targets), loss - 0.5)
+    # Excluded candidates leave the denominator too.
+    exclude = torch.tensor([[False, False, True], [False, False, False]])
+    masked = DecoupledContrastiveLoss(temperature=1.0)(q, d, targets, exclude)
+    row0 = torch.tensor(0.1 - 0.9)  # only candidate 1 is left in query 0's denominator
+    row1 = torch.logsumexp(torch.tensor([0.3, -0.1]), 0) - 0.8
+    assert torch.allclose(masked, (row0 + row1) / 2)
+
+
+def test_training_loss_key_selects_decoupled_loss(tiny_model_dir, tmp_path):
+    from retriever.config import TrainConfig
+    from retriever.trainer import Trainer
+
+    cfg = TrainConfig.model_validate({
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"jsonl": str(tmp_path / "train.jsonl")},
+        "training": {"batch_size": 2, "max_steps": 1, "loss": "decoupled"},
+    })
+    (tmp_path / "train.jsonl").write_text("".join(
+        f'{{"query": "question {i}", "pos": ["answer {i}"], "neg": []}}\n' for i in range(4)))
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert isinstance(trainer.loss_fn, DecoupledContrastiveLoss)
+    assert np.isfinite(trainer.train_step(0))
 
 
 def test_margin_mse_zero_when_margins_match():

@@ -56,7 +56,8 @@ def test_grad_cache_matches_plain_step_over_several_chunks(tiny_model_dir, batch
     loss_plain, g_plain = run(plain_step, model, batch)
     loss_gc, g_gc = run(grad_cache_step, model, batch, chunk_size=3)
     assert abs(loss_plain - loss_gc) < 1e-5
-    assert_same_grads(g_plain, g_gc, atol=1e-6)
+    # fp32 sums in a different order in chunks (AVX-512 kernels: ~3e-6 on gradients of ~1e-2)
+    assert_same_grads(g_plain, g_gc, atol=5e-6)
 
 
 def test_grad_cache_replays_dropout_masks(tiny_model_dir, batch):
@@ -100,7 +101,8 @@ def tiny_config(model_dir, triples, **training):
         "data": {"triples": str(triples), "dev_fraction": 0.2},
         "negatives": {"strategy": "hard"},
         "training": {"batch_size": 8, "max_steps": 6, "learning_rate": 1e-3, "log_every": 2, "save_every": 2,
-                     "keep_last": 2, "gradient_accumulation_steps": 2, "num_threads": 1, **training},
+                     "keep_last": 2, "gradient_accumulation_steps": 2, "num_threads": 1, "bf16": False,
+                     **training},
     })
 
 
@@ -112,7 +114,7 @@ def test_train_writes_run_folder(tiny_model_dir, triples_path, tmp_path):
     assert final == out / "final"
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6]
-    assert set(log[0]) == {"step", "epoch", "loss", "lr", "pairs_per_s", "elapsed"} and log[-1]["lr"] == 0.0
+    assert set(log[0]) == {"step", "epoch", "loss", "lr", "pairs_per_s", "elapsed", "bf16"} and log[-1]["lr"] == 0.0
     assert TrainConfig.model_validate(__import__("yaml").safe_load((out / "config.yaml").read_text())).training.max_steps == 6
     assert len((out / "dev.jsonl").read_text().splitlines()) == 20
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]

@@ -3,45 +3,55 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from retriever.losses.contrastive import ContrastiveLoss
 
 
-class DecoupledContrastiveLoss(nn.Module):
-    """InfoNCE without the positive in the normaliser (DCL).
+class DecoupledContrastiveLoss(ContrastiveLoss):
+    def __init__(self, temperature: float = 0.05):
+        """InfoNCE without the positive in the normaliser (DCL); selected with ``training.loss: decoupled``.
 
-    Standard InfoNCE, ``-s_pos + log Σ_all exp(s)``, couples the positive and negative gradients
-    through the softmax: once the positive dominates, the gradient vanishes even if negatives are
-    still close, which makes small batches learn slowly. DCL drops the positive term from the
-    log-sum-exp: ``-s_pos + log Σ_{neg} exp(s)``. The loss can go negative; only its gradient matters.
+        Standard InfoNCE, ``-s_pos + log Σ_all exp(s)``, couples the positive and negative gradients
+        through the softmax: once the positive dominates, the gradient vanishes even if negatives are
+        still close, which makes small batches learn slowly. DCL drops the positive term from the
+        log-sum-exp: ``-s_pos + log Σ_neg exp(s)``. The loss can go negative; only its gradient matters.
+        A drop-in for :class:`ContrastiveLoss`: same inputs, same ``exclude`` mask.
 
-    Args:
-        scale: inverse temperature on the scores (20 = temperature 0.05 for cosine scores).
+        Args:
+            temperature: Similarities are divided by it (0.05 = scale 20).
 
-    Requirements:
-        1. (query, positive) pairs with in-batch and/or hard negatives as extra columns.
+        Requirements:
+            1. (query, positive) pairs with in-batch and/or hard negatives.
+            2. At least one candidate per query besides its positive that is not excluded.
 
-    Inputs:
-        +-----------+--------+-----------------------------------------------------------+
-        | argument  | shape  | meaning                                                   |
-        +===========+========+===========================================================+
-        | scores    | [B, N] | query i vs candidate j                                    |
-        | labels    | [B]    | column of each query's positive (default: the diagonal)   |
-        +-----------+--------+-----------------------------------------------------------+
+        Inputs:
+            +------------------------------+----------------------------------------------+
+            | argument                     | shape / meaning                              |
+            +==============================+==============================================+
+            | query_emb                    | [Q, d] float, with gradients                 |
+            | doc_emb                      | [D, d] float, all candidates of the batch    |
+            | targets                      | [Q] long, row of each query's positive       |
+            | exclude (optional)           | [Q, D] bool, True drops that candidate       |
+            +------------------------------+----------------------------------------------+
 
-    References:
-        - Yeh et al., "Decoupled Contrastive Learning", ECCV 2022. https://arxiv.org/abs/2110.06848
-    """
+        Example:
+            ::
 
-    def __init__(self, scale: float = 20.0):
-        super().__init__()
-        self.scale = scale
+                loss = DecoupledContrastiveLoss(0.05)(q, d, torch.arange(len(q)))
 
-    def forward(self, scores: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        rows = torch.arange(scores.shape[0], device=scores.device)
-        if labels is None:
-            labels = rows
-        logits = scores.float() * self.scale
-        positive = logits[rows, labels]
-        negatives = logits.clone()
-        negatives[rows, labels] = float("-inf")
+        References:
+            - Yeh et al., "Decoupled Contrastive Learning", ECCV 2022. https://arxiv.org/abs/2110.06848
+        """
+        super().__init__(temperature)
+
+    def forward(self, query_emb: torch.Tensor, doc_emb: torch.Tensor, targets: torch.Tensor,
+                exclude: torch.Tensor | None = None) -> torch.Tensor:
+        scores = query_emb.float() @ doc_emb.float().T / self.temperature
+        rows = torch.arange(len(targets), device=scores.device)
+        positive = scores[rows, targets]
+        drop = torch.zeros_like(scores, dtype=torch.bool)
+        drop[rows, targets] = True
+        if exclude is not None:
+            drop |= exclude.to(scores.device)
+        negatives = scores.masked_fill(drop, float("-inf"))
         return (torch.logsumexp(negatives, dim=1) - positive).mean()

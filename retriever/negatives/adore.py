@@ -106,7 +106,7 @@ class ADORENegatives(NegativeStrategy):
 
     def micro_step(self, trainer: Any, batch, scale: float) -> float:
         model = trainer.model
-        with autocast(model.device, trainer.config.training.bf16):
+        with autocast(model.device, trainer.bf16):
             q = model.embed(model.tokenize(batch.queries, "query"), "query").float()
         rows = self.retrieve(q.detach().cpu().numpy(), batch.queries)
         self.last_negative_ids = [[self.doc_ids[r] for r in row] for row in rows]

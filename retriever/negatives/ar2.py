@@ -95,7 +95,7 @@ class AR2Strategy(ANCENegatives):
 
     def micro_step(self, trainer: Any, batch, scale: float) -> float:
         queries, cands = self.candidates(batch)
-        bf16 = trainer.config.training.bf16
+        bf16 = trainer.bf16
         if self.phase == "ranker":
             self.ranker.train()
             with autocast(self.ranker.device, bf16):

@@ -33,7 +33,7 @@ def training_queries(examples: Sequence[TrainingExample]):
             for i, ex in enumerate(examples)]
 
 
-def build_index(model, corpus: Corpus, folder: Path, batch_size: int = 64, bf16: bool | None = None):
+def build_index(model, corpus: Corpus, folder: Path, batch_size: int | None = None, bf16: bool | None = None):
     """Encode ``corpus`` with ``model``'s document tower and build a flat inner-product FAISS index.
 
     Returns ``(DenseIndex, EmbeddingStore)``; files go to ``folder/embeddings`` and ``folder/index``.

@@ -106,7 +106,7 @@ class TASBStrategy(NegativeStrategy):
         from retriever.losses.margin_mse import MarginMSELoss
 
         model, b, n = trainer.model, len(batch.queries), self.options.hard_per_query
-        with autocast(model.device, trainer.config.training.bf16):
+        with autocast(model.device, trainer.bf16):
             q = model.embed(model.tokenize(batch.queries, "query"), "query").float()
             d = model.embed(model.tokenize(batch.documents, "document"), "document").float()
         cands = [[batch.documents[i]] + batch.documents[b + i * n:b + (i + 1) * n] for i in range(b)]
