@@ -142,10 +142,7 @@ def _evaluate(model_path: str, folder: Path, output: Path, opts: QuickstartOptio
 
 
 def _train_config(model_path: str, folder: Path, opts: QuickstartOptions):
-    import torch
-
     from retriever.config import TrainConfig
-    from retriever.modeling import bf16_supported
 
     return TrainConfig.model_validate({
         "model": {"name": model_path, "query_max_length": opts.query_max_length, "doc_max_length": opts.doc_max_length},
@@ -153,7 +150,7 @@ def _train_config(model_path: str, folder: Path, opts: QuickstartOptions):
         "negatives": {"strategy": "inbatch"},
         "training": {"learning_rate": opts.learning_rate, "batch_size": opts.batch_size, "epochs": opts.epochs,
                      "max_steps": opts.max_steps or None, "warmup_ratio": 0.1, "temperature": 0.05,
-                     "bf16": bf16_supported("cuda" if torch.cuda.is_available() else "cpu"), "seed": 42, "log_every": 5},
+                     "bf16": "auto", "seed": 42, "log_every": 5},
     })
 
 
