@@ -164,7 +164,8 @@ def run_mteb(model, tasks: Sequence[str] = (), data_dirs: Sequence = (), output_
     for task in _registered_tasks(tasks):
         _load_offline(task)
         task_objs.append(task)
-    result = mteb.evaluate(encoder, task_objs, cache=None, encode_kwargs={"batch_size": 256},  # mteb's loader; our encoder re-batches by length
+    # batch_size sizes mteb's data loader only: the encoder re-batches each chunk by length
+    result = mteb.evaluate(encoder, task_objs, cache=None, encode_kwargs={"batch_size": 256},
                            show_progress_bar=False)
     summaries = []
     out = Path(output_dir) if output_dir is not None else None

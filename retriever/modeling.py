@@ -59,8 +59,8 @@ def bf16_supported(device: torch.device | str) -> bool:
 
 
 def default_batch_size(device: torch.device | str) -> int:
-    """Encoding batch size: 16 on CPUs (measured fastest for MiniLM on 2 cores: larger batches spill
-    the caches, docs/benchmarks.md), 128 on GPUs (which need wide batches to fill)."""
+    """Encoding batch size: 16 on CPUs (measured fastest for MiniLM on 2 cores among 4-64,
+    docs/benchmarks.md), 128 on GPUs (which need wide batches to fill)."""
     return 128 if torch.device(device).type == "cuda" else 16
 
 
@@ -223,7 +223,8 @@ class BiEncoder(nn.Module):
                     idx = order[start:start + batch_size]
                     batch = self.tokenizer.pad({c: [enc[c][i] for i in idx] for c in columns}, return_tensors="pt")
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    hidden = tower(**batch).last_hidden_state
+                    outputs = tower(**batch)
+                    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
                     emb = pool(hidden.float(), batch["attention_mask"], self.pooling)
                     if self.normalize:
                         emb = nn.functional.normalize(emb, dim=-1)
