@@ -160,3 +160,16 @@ def test_checkpoint_scoring_keeps_best_and_stops_early(tiny_model_dir, tmp_path)
 def test_evaluation_section_needs_something_to_score(tiny_model_dir):
     with pytest.raises(ValueError, match="dev_sets or held_out_dev"):
         TrainConfig.model_validate({"data": {"beir": "x"}, "evaluation": {"every_steps": 5}})
+
+
+def test_bf16_auto_follows_the_hardware_and_bad_values_are_refused(tiny_model_dir, triples_path, tmp_path):
+    from retriever.config import TrainConfig
+    from retriever.modeling import bf16_supported
+    from retriever.trainer import Trainer
+
+    auto = tiny_config(tiny_model_dir, triples_path, bf16="auto")
+    assert Trainer(auto, tmp_path / "auto").bf16 == bf16_supported("cpu")
+    assert Trainer(tiny_config(tiny_model_dir, triples_path, bf16=False), tmp_path / "off").bf16 is False
+    with pytest.raises(ValueError, match="bf16"):
+        TrainConfig.model_validate({"model": {"name": str(tiny_model_dir)}, "data": {"triples": str(triples_path)},
+                                    "training": {"bf16": "sometimes"}})
