@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from eval.metrics import DEFAULT_METRICS, compute_metrics, drop_identical_ids, run_from_arrays, write_trec_run
+from index.encode import encode_texts
 
 logger = logging.getLogger(__name__)
 ENCODE_BLOCK = 16_384  # documents encoded and searched per step; bounds memory on big corpora
@@ -26,11 +27,6 @@ def load_model(model, **overrides):
     if isinstance(model, BiEncoder):
         return model
     return BiEncoder.from_pretrained(str(model), **{k: v for k, v in overrides.items() if v is not None})
-
-
-def encode_texts(model, texts: Sequence[str], kind: str, batch_size: int | None = None, bf16: bool | None = None) -> np.ndarray:
-    """Float32 embeddings (``BiEncoder.encode``: tokenised once, sorted by length)."""
-    return model.encode(list(texts), kind=kind, batch_size=batch_size, bf16=bf16)
 
 
 def dense_search(model, corpus, query_texts: Sequence[str], k: int, batch_size: int | None = None, bf16: bool | None = None,

@@ -46,7 +46,7 @@ def _wrapper_class():
 
         def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str,
                    prompt_type: PromptType | None = None, **kwargs: Any) -> np.ndarray:
-            from eval.beir import encode_texts
+            from index.encode import encode_texts
 
             texts: list[str] = []
             for batch in inputs:
