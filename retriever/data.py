@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -131,7 +132,8 @@ class Corpus(Sequence[Document]):
     """Random access to a corpus file through a byte-offset index.
 
     Memory: one int64 offset and one id string per document; texts stay on disk.
-    Duplicate ids are an error naming both lines.
+    Duplicate ids are an error naming both lines. Thread-safe: the mining service's refresh thread
+    re-encodes the corpus while the trainer reads negatives' texts from the same object.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -160,6 +162,7 @@ class Corpus(Sequence[Document]):
         self.ids: list[str] = ids
         self._index = index
         self._fh = None
+        self._lock = threading.Lock()  # one file position shared by every reader
 
     def _lineno_of(self, row: int, offsets: list[int]) -> int:
         with open(self.path, "rb") as fh:
@@ -178,10 +181,16 @@ class Corpus(Sequence[Document]):
             raise KeyError(f"document id {doc_id!r} is not in {self.path}") from None
 
     def _read(self, row: int) -> Document:
-        if self._fh is None:
-            self._fh = open(self.path, "rb")
-        self._fh.seek(int(self._offsets[row]))
-        return self._parse(self.path, -1, self._fh.readline())
+        with self._lock:
+            if self._fh is None:
+                self._fh = open(self.path, "rb")
+            self._fh.seek(int(self._offsets[row]))
+            raw = self._fh.readline()
+        try:
+            return self._parse(self.path, None, raw)
+        except DataError as exc:  # the file changed after it was indexed: name the real line
+            raise DataError(self.path, self._lineno_of(row, self._offsets), exc.problem,
+                            f"{exc.fix} (the file changed since it was opened? reopen it)") from None
 
     def __getitem__(self, key):  # type: ignore[override]
         if isinstance(key, slice):
@@ -202,7 +211,12 @@ class Corpus(Sequence[Document]):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_fh"] = None
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __del__(self):
         if getattr(self, "_fh", None) is not None:

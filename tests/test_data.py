@@ -64,6 +64,30 @@ def test_corpus_errors_name_file_and_line(tmp_path):
         Corpus(tmp_path / "missing.jsonl")
 
 
+def test_corpus_reads_are_thread_safe(tmp_path):
+    """The mining service re-encodes the corpus in a thread while the trainer reads negatives from the
+    same Corpus: interleaved seek + readline on one file handle once returned half a line."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = 2000
+    corpus = Corpus(lines(tmp_path / "c.jsonl", *(json.dumps({"_id": f"d{i}", "text": f"text {i} " * (i % 40 + 1)})
+                                                  for i in range(n))))
+
+    def read_all(offset):
+        return all(corpus[(i + offset) % n].id == f"d{(i + offset) % n}" for i in range(n))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(read_all, (0, 500, 1000, 1500)))
+
+
+def test_corpus_changed_after_indexing_names_the_line(tmp_path):
+    path = lines(tmp_path / "c.jsonl", '{"_id": "a", "text": "x"}', '{"_id": "b", "text": "y"}')
+    corpus = Corpus(path)
+    path.write_text('{"_id": "a", "text": "x"}\n{"_id": "b", "te\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:2: malformed JSON.*changed since it was opened"):
+        corpus[1]
+
+
 def test_queries_and_qrels_errors(tmp_path):
     with pytest.raises(DataError, match=r"q\.tsv:2: duplicate query id '1'"):
         read_queries(lines(tmp_path / "q.tsv", "1\tfirst", "1\tsecond"))
