@@ -44,6 +44,7 @@ def quickstart_command(
     max_steps: int = typer.Option(40, "--max-steps", min=0, help="optimizer steps; 0 trains --epochs full epochs"),
     batch_size: int = typer.Option(32, "--batch-size", min=2, help="queries per step (in-batch negatives)"),
     learning_rate: float = typer.Option(5e-5, "--lr", help="peak learning rate"),
+    negatives: str = typer.Option("inbatch", "--negatives", help="inbatch or tasb (topic-aware batches)"),
     eval_split: str = typer.Option("test", "--eval-split", help="split to evaluate on; tune with dev, never test"),
     max_queries: Optional[int] = typer.Option(None, "--max-queries", min=1, help="smoke runs: queries per split"),
     max_docs: Optional[int] = typer.Option(None, "--max-docs", min=1, help="smoke runs: corpus size"),
@@ -54,7 +55,7 @@ def quickstart_command(
     from retriever.quickstart import QuickstartOptions, run_quickstart
 
     opts = QuickstartOptions(output=output, data=data, model=model, epochs=epochs, max_steps=max_steps,
-                             batch_size=batch_size, learning_rate=learning_rate, eval_split=eval_split,
+                             batch_size=batch_size, learning_rate=learning_rate, negatives=negatives, eval_split=eval_split,
                              max_queries=max_queries,
                              max_docs=max_docs)
     try:

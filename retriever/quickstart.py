@@ -22,11 +22,14 @@ from rich.table import Table
 from retriever.data import DataError
 from retriever.io import write_text_atomic
 
-__all__ = ["QuickstartOptions", "run_quickstart", "DEFAULT_MODEL", "SHOWN_METRICS"]
+__all__ = ["QuickstartOptions", "run_quickstart", "DEFAULT_MODEL", "SHOWN_METRICS", "QUICKSTART_NEGATIVES"]
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 SHOWN_METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100")
 SUMMARY_FILE = "quickstart.json"
+# Strategies that cost what an in-batch step costs (no index, no extra documents per query), so they fit
+# the quickstart's time limit; STAR/ADORE/ANCE/AR2 need a corpus index and several times the step time.
+QUICKSTART_NEGATIVES = {"inbatch": "in-batch negatives", "tasb": "TAS-B topic-aware batches"}
 
 
 @dataclass
@@ -40,6 +43,7 @@ class QuickstartOptions:
     max_steps: int | None = 40
     batch_size: int = 32
     learning_rate: float = 5e-5
+    negatives: str = "inbatch"          # a key of QUICKSTART_NEGATIVES
     query_max_length: int = 64
     doc_max_length: int = 256           # code is long: 256 word pieces hold the signature and most bodies
     eval_batch_size: int | None = None
@@ -147,7 +151,7 @@ def _train_config(model_path: str, folder: Path, opts: QuickstartOptions):
     return TrainConfig.model_validate({
         "model": {"name": model_path, "query_max_length": opts.query_max_length, "doc_max_length": opts.doc_max_length},
         "data": {"beir": str(folder), "split": "train"},
-        "negatives": {"strategy": "inbatch"},
+        "negatives": {"strategy": opts.negatives},
         "training": {"learning_rate": opts.learning_rate, "batch_size": opts.batch_size, "epochs": opts.epochs,
                      "max_steps": opts.max_steps or None, "warmup_ratio": 0.1, "temperature": 0.05,
                      "bf16": "auto", "seed": 42, "log_every": 5},
@@ -188,6 +192,9 @@ def run_quickstart(opts: QuickstartOptions | None = None, console: Console | Non
     from retriever.resolve import resolve_model
 
     opts = opts or QuickstartOptions()
+    if opts.negatives not in QUICKSTART_NEGATIVES:
+        raise ValueError(f"unknown quickstart negatives {opts.negatives!r}; choose one of {', '.join(QUICKSTART_NEGATIVES)} "
+                         "(other strategies: `negatron train --config configs/...yaml`)")
     console = console or Console()
     output = Path(opts.output)
     began = time.perf_counter()
@@ -208,7 +215,7 @@ def run_quickstart(opts: QuickstartOptions | None = None, console: Console | Non
 
     after, final = None, None
     if can_train:
-        _heading(console, 3, "fine-tuning (train split, in-batch negatives)")
+        _heading(console, 3, f"fine-tuning (train split, {QUICKSTART_NEGATIVES[opts.negatives]})")
         config = _train_config(model_path, folder, opts)
         t = config.training
         console.print(f"lr {t.learning_rate:g}, batch {t.batch_size}, "

@@ -74,3 +74,22 @@ def test_quickstart_rejects_a_folder_that_is_not_beir(tmp_path):
     result = CliRunner().invoke(app, ["quickstart", "--data", str(tmp_path), "--output", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "corpus.jsonl" in result.output and "Traceback" not in result.output
+
+
+def test_quickstart_trains_with_tasb_batches(tiny_model_dir, slice_cache, tmp_path):
+    opts = QuickstartOptions(output=tmp_path / "run", model=str(tiny_model_dir), max_steps=2, batch_size=4,
+                             negatives="tasb", cache_dir=slice_cache, eval_batch_size=16, **SLICE)
+    console = Console(record=True, width=120)
+    summary = run_quickstart(opts, console)
+    assert "3/4  fine-tuning (train split, TAS-B topic-aware batches)" in console.export_text()
+    assert "strategy: tasb" in (tmp_path / "run" / "train" / "config.yaml").read_text()
+    assert summary["options"]["negatives"] == "tasb" and summary["fine_tuned"] is not None
+
+
+def test_quickstart_rejects_unknown_negatives(tmp_path):
+    from retriever.cli import _register_all, app
+
+    _register_all()
+    result = CliRunner().invoke(app, ["quickstart", "--negatives", "star", "--output", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "unknown quickstart negatives 'star'" in result.output and "inbatch, tasb" in result.output
