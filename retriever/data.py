@@ -164,7 +164,7 @@ class Corpus(Sequence[Document]):
         self._fh = None
         self._lock = threading.Lock()  # one file position shared by every reader
 
-    def _lineno_of(self, row: int, offsets: list[int]) -> int:
+    def _lineno_of(self, row: int, offsets: Sequence[int]) -> int:
         with open(self.path, "rb") as fh:
             return fh.read(offsets[row]).count(b"\n") + 1
 

@@ -2,8 +2,8 @@
 
 Stages: (1) build (or reuse) the stdlib docstring → function BEIR set of
 :mod:`retriever.quickstart_data`, or take a BEIR folder given with ``--data``; (2) evaluate the
-untouched model on the test split; (3) fine-tune with in-batch negatives on the train split
-(:func:`retriever.trainer.train`); (4) evaluate the fine-tuned model on the same test split.
+untouched model on the test split; (3) fine-tune on the train split with in-batch negatives (or TAS-B
+batches, ``negatives="tasb"``) through :func:`retriever.trainer.train`; (4) evaluate the fine-tuned model on the same test split.
 Everything lands in the output folder; ``quickstart.json`` there sums the run up.
 """
 
