@@ -10,6 +10,12 @@ rebuilt from all results so far, so arms and seeds can be run in separate invoca
 
     .venv/bin/python bench/ablation_scifact.py --arms zero-shot inbatch gist --seeds 42
     .venv/bin/python bench/ablation_scifact.py --arms inbatch st-mnrl --seeds 43 44 --work runs/ablation
+
+Learning rates are tuned on dev only: ``--lr ARM=VALUE --dev-only`` trains a variant (key ``ARM@lr=VALUE``;
+for ``star-adore`` the ADORE stage's rate, on the arm's own STAR model) and records its dev figures and
+nothing from test. The chosen rate is then run without ``--dev-only`` on every seed, and reported once:
+
+    .venv/bin/python bench/ablation_scifact.py --arms star-adore --lr star-adore=3e-5 --dev-only --seeds 42
 """
 
 from __future__ import annotations
@@ -116,7 +122,7 @@ def bm25_mined(work: Path, train_examples) -> Path:
     return write_jsonl_atomic(path, rows)
 
 
-def st_mnrl(work: Path, train_examples, seed: int) -> Path:
+def st_mnrl(work: Path, train_examples, seed: int, lr: float = LR, name: str = "st-mnrl") -> Path:
     """The peer: sentence-transformers' trainer with MultipleNegativesRankingLoss, same data and budget."""
     import torch
     from datasets import Dataset
@@ -125,7 +131,7 @@ def st_mnrl(work: Path, train_examples, seed: int) -> Path:
 
     from retriever.resolve import resolve_model
 
-    out = work / "st-mnrl" / "final"  # work is the seed's folder
+    out = work / name / "final"  # work is the seed's folder
     if out.exists():
         return out
     rows = {"anchor": [], "positive": []}
@@ -135,8 +141,8 @@ def st_mnrl(work: Path, train_examples, seed: int) -> Path:
             rows["positive"].append(p)
     model = SentenceTransformer(resolve_model(MODEL))
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(work / "st-mnrl" / "tmp"), num_train_epochs=1, per_device_train_batch_size=BATCH,
-        learning_rate=LR, warmup_ratio=0.1, seed=seed, bf16=BF16, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(work / name / "tmp"), num_train_epochs=1, per_device_train_batch_size=BATCH,
+        learning_rate=lr, warmup_ratio=0.1, seed=seed, bf16=BF16, use_cpu=not torch.cuda.is_available(),
         batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none", logging_steps=5)
     SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
                                loss=losses.MultipleNegativesRankingLoss(model)).train()
@@ -144,37 +150,44 @@ def st_mnrl(work: Path, train_examples, seed: int) -> Path:
     return out
 
 
-def run_arm(arm: str, work: Path, train_examples, seed: int) -> tuple[str, float]:
-    """Train one arm with one seed under ``work``; returns (model folder, training seconds)."""
+def run_arm(arm: str, work: Path, train_examples, seed: int, lr: float | None = None) -> tuple[str, float]:
+    """Train one arm with one seed under ``work``; returns (model folder, training seconds). ``lr`` replaces
+    the arm's learning rate (ADORE's stage in star-adore) and gets its own run folder."""
     t0 = time.perf_counter()
-    cfg = lambda strategy, options=None, **kw: base_config(strategy, seed, options, **kw)  # noqa: E731
+    tag = "" if lr is None else f"@lr={lr:g}"
+
+    def cfg(strategy, options=None, **kw):
+        if lr is not None and strategy != "star":
+            kw["learning_rate"] = lr
+        return base_config(strategy, seed, options, **kw)
+
     star_options = {"range_min": 3, "range_max": 100}
     if arm == "zero-shot":
         return MODEL, 0.0
     if arm == "st-mnrl":
-        path = st_mnrl(work, train_examples, seed)
+        path = st_mnrl(work, train_examples, seed, lr or LR, name=arm + tag)
     elif arm == "inbatch":
-        path = train(cfg("inbatch"), work / arm)
+        path = train(cfg("inbatch"), work / (arm + tag))
     elif arm == "bm25":
         mined = bm25_mined(work.parent, train_examples)  # BM25 is deterministic: shared by the seeds
         data = {"jsonl": str(mined), "corpus": str(SCIFACT / "corpus.jsonl")}  # already the train split
-        path = train(cfg("hard", {"per_query": 1}, data=data), work / arm)
+        path = train(cfg("hard", {"per_query": 1}, data=data), work / (arm + tag))
     elif arm == "star":
-        path = train(cfg("star", star_options), work / arm)
+        path = train(base_config("star", seed, star_options, **({"learning_rate": lr} if lr else {})), work / (arm + tag))
     elif arm == "star-adore":
         star = train(cfg("star", star_options), work / "star")
-        adore = cfg("adore", {"k": 100}, learning_rate=1e-5)
+        adore = cfg("adore", {"k": 100}) if lr is not None else cfg("adore", {"k": 100}, learning_rate=1e-5)
         adore["model"]["name"] = str(star)
-        path = train(adore, work / arm)
+        path = train(adore, work / (arm + tag))
     elif arm == "gist":
-        path = train(cfg("gist", {"guide": "sentence-transformers/all-mpnet-base-v2"}), work / arm)
+        path = train(cfg("gist", {"guide": "sentence-transformers/all-mpnet-base-v2"}), work / (arm + tag))
     elif arm == "ar2":
         path = train(cfg("ar2", {"per_query": 3, "refresh_every": 10, "ranker_steps": 5, "retriever_steps": 5,
-                                 "range_min": 3}), work / arm)
+                                 "range_min": 3}), work / (arm + tag))
     elif arm == "ance":
-        path = train(cfg("ance", {"refresh_every": 10, "range_min": 3}), work / arm)
+        path = train(cfg("ance", {"refresh_every": 10, "range_min": 3}), work / (arm + tag))
     elif arm == "tasb":
-        path = train(cfg("tasb", {"n_clusters": 5}), work / arm)
+        path = train(cfg("tasb", {"n_clusters": 5}), work / (arm + tag))
     else:
         raise SystemExit(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
     return str(path), time.perf_counter() - t0
@@ -208,6 +221,18 @@ def write_report(results: dict, output: Path) -> None:
         lines.append(f"| {arm} | {seeds} | {col('dev', 'ndcg@10')} | {col('test', 'ndcg@10')} | "
                      f"{col('test', 'mrr@10')} | {col('test', 'recall@100')} | "
                      f"{np.mean([r['train_s'] for r in runs]):.0f} |")
+    variants = sorted({k.split("/")[0] for k in results if "@" in k})
+    if variants:
+        lines += ["", "Learning-rate variants, tuned on dev (test only for the rate chosen on dev, run on every seed):", "",
+                  "| arm @ learning rate | seeds | dev nDCG@10 | test nDCG@10 | test MRR@10 | test Recall@100 | train time (s) |",
+                  "|---|---|---|---|---|---|---|"]
+        for name in variants:
+            runs = [r for key, r in sorted(results.items()) if key.split("/")[0] == name]
+            tested = [r for r in runs if "test" in r]
+            col = lambda split, m, rs: _mean_sd([r[split][m] for r in rs]) if rs else "—"  # noqa: E731
+            lines.append(f"| {name} | {', '.join(str(r['seed']) for r in runs)} | {col('dev', 'ndcg@10', runs)} | "
+                         f"{col('test', 'ndcg@10', tested)} | {col('test', 'mrr@10', tested)} | "
+                         f"{col('test', 'recall@100', tested)} | {np.mean([r['train_s'] for r in runs]):.0f} |")
     missing = [a for a in ARMS if not any(k.split("/")[0] == a for k in results)]
     if missing:
         lines += ["", f"Not run: {', '.join(missing)}."]
@@ -215,27 +240,46 @@ def write_report(results: dict, output: Path) -> None:
     output.write_text("\n".join(lines) + "\n")
 
 
+def _lr_overrides(pairs: list[str]) -> dict[str, float]:
+    out = {}
+    for pair in pairs:
+        arm, sep, value = pair.partition("=")
+        if not sep or arm not in ARMS:
+            raise SystemExit(f"--lr {pair!r}: use ARM=VALUE with ARM one of {', '.join(ARMS)}")
+        out[arm] = float(value)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
+    parser.add_argument("--lr", nargs="+", default=[], metavar="ARM=VALUE", help="a learning-rate variant of an arm")
+    parser.add_argument("--dev-only", action="store_true", help="record dev figures only (for tuning)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "ablation.md")
     args = parser.parse_args()
+    lrs = _lr_overrides(args.lr)
     args.work.mkdir(parents=True, exist_ok=True)
     results_path = args.work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     train_examples, dev = split()
     for arm in args.arms:
+        lr = lrs.get(arm)
         for seed in ([0] if arm == "zero-shot" else args.seeds):
-            key = f"{arm}/{seed}"
-            if key in results:
+            key = f"{arm}{'' if lr is None else f'@lr={lr:g}'}/{seed}"
+            if key in results and ("test" in results[key] or args.dev_only):
                 continue
-            model_dir, seconds = run_arm(arm, args.work / f"seed-{seed}", train_examples, seed)
-            results[key] = {**evaluate(model_dir, dev), "seed": seed, "train_s": seconds, "model": model_dir}
+            model_dir, seconds = run_arm(arm, args.work / f"seed-{seed}", train_examples, seed, lr)
+            if key in results:  # tuned on dev earlier: keep that run's training time
+                seconds = results[key]["train_s"]
+            scores = evaluate(model_dir, dev)
+            if args.dev_only:
+                scores.pop("test")
+            results[key] = {**scores, "seed": seed, "train_s": seconds, "model": model_dir}
             write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
             write_report(results, args.output)
-            print(key, json.dumps({s: results[key][s] for s in ("dev", "test")}), flush=True)
+            print(key, json.dumps({s: results[key][s] for s in ("dev", "test") if s in results[key]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """negatron encode vs sentence-transformers ``SentenceTransformer.encode`` on SciFact (title + text),
-same model (all-MiniLM-L6-v2), same max length (256), same process and threads.
+same model (all-MiniLM-L6-v2), same max length (256), same process and threads; then the
+``negatron encode`` command itself under ``torchrun``, one rank per core (one thread each), timed from
+launch to exit (interpreter start-up and model loading included; the in-process rows exclude them).
 
 Prints a Markdown table: docs/s, speed-up, min/mean cosine to the fp32 sentence-transformers
 embeddings, and the fraction of the machine's measured bf16 (and fp32) matmul peak reached.
@@ -11,7 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +45,24 @@ def encoder_flops(config, token_counts: np.ndarray) -> float:
     return float(np.sum(seq * (2 * per_token_params + 4 * layers * seq * d)))
 
 
+def torchrun_encode(model_path: str, corpus, texts: list[str], args) -> np.ndarray:
+    """Run the CLI under torchrun on ``texts`` (written as a corpus file when a stride subsets it); float32 on disk."""
+    from index.store import EmbeddingStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = corpus.path
+        if args.stride != 1:
+            source = Path(tmp) / "corpus.jsonl"
+            source.write_text("".join(json.dumps({"_id": str(i), "title": "", "text": t}) + "\n" for i, t in enumerate(texts)))
+        negatron = Path(sys.executable).with_name("negatron")
+        cmd = ["torchrun", "--standalone", f"--nproc-per-node={args.ranks}", "--no-python", str(negatron), "encode",
+               "--model", model_path, "--corpus", str(source), "--output", str(Path(tmp) / "emb"), "--dtype", "float32"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // args.ranks))}
+        subprocess.run([str(Path(sys.executable).with_name(cmd[0]))] + cmd[1:], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return EmbeddingStore.open(Path(tmp) / "emb").load_all().astype(np.float32)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/beir/scifact")
@@ -47,6 +71,7 @@ def main() -> None:
     ap.add_argument("--st-batch-size", type=int, default=32, help="sentence-transformers' batch (its default: 32)")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--ranks", type=int, default=os.cpu_count(), help="torchrun ranks for the CLI row (0 = skip it)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,6 +113,9 @@ def main() -> None:
     default = "bf16 autocast" if bf16_supported("cpu") else "fp32: no native bf16 on this CPU"
     timed(f"negatron encode (default: {default}, batch {default_batch_size('cpu')})",
           lambda: encode_texts(ours, texts, kind="document"))
+    if args.ranks > 0:
+        timed(f"`torchrun --nproc-per-node {args.ranks} negatron encode` ({args.ranks} ranks x 1 thread, "
+              "launch to exit)", lambda: torchrun_encode(path, corpus, texts, args))
     peak_bf16, peak_fp32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
 
     base = rows[0]["docs_per_s"]

@@ -22,7 +22,7 @@ def encode_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Documents per forward pass (default: 16 on CPU, 128 on GPU)."),
     fp32: bool = typer.Option(False, "--fp32", help="Compute in fp32 (default: bf16 autocast where the hardware has bf16)."),
     dtype: str = typer.Option("float16", "--dtype", help="On-disk precision: float16 or float32."),
-    shard_size: int = typer.Option(100_000, "--shard-size", min=1, help="Documents per shard (the unit of resume)."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Documents per shard, the unit of resume and of torchrun sharding (default: up to 100,000, at least one shard per rank)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder holding a different run."),
 ) -> None:
     """Encode a corpus into float16/float32 embedding shards."""

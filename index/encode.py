@@ -93,6 +93,12 @@ def _rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def default_shard_size(count: int, world: int, cap: int = 100_000) -> int:
+    """At most ``cap`` documents per shard, and at least ``world`` shards so that no rank idles (a
+    5,183-document corpus on 2 ranks: 2 shards of 2,592, not 1 of 5,183)."""
+    return max(1, min(cap, -(-count // max(1, world))))
+
+
 def _open_corpus(corpus) -> Corpus:
     if isinstance(corpus, Corpus):
         return corpus
@@ -102,26 +108,34 @@ def _open_corpus(corpus) -> Corpus:
 
 
 def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, bf16: bool | None = None,
-                  shard_size: int = 100_000, show_progress: bool = True, dtype: str = "float16",
-                  overwrite: bool = False) -> EmbeddingStore:
+                  shard_size: int | None = None, show_progress: bool = True, dtype: str = "float16",
+                  overwrite: bool = False, distributed: bool = True) -> EmbeddingStore:
     """Encode every document (``title + " " + text``) of ``corpus`` into ``output_dir``.
 
     ``dtype`` is the on-disk precision (float16 halves disk and RAM; cosine to float32 > 0.9999).
     ``bf16=None`` uses bf16 autocast where the device supports it; ``bf16=False`` computes in fp32.
     Re-running with the same model and corpus resumes; a different model or corpus in an existing
     folder is an error unless ``overwrite=True``.
+    ``shard_size=None`` takes the folder's shard size when resuming, else ``default_shard_size``: up to
+    100,000 documents, and small enough that every torchrun rank gets a shard.
+    ``distributed=False`` encodes everything in this process even under torchrun (a mining service's
+    refresh thread: its rank must not wait in a barrier the other ranks never reach).
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, not {dtype!r}")
-    if shard_size < 1:
+    if shard_size is not None and shard_size < 1:
         raise ValueError("shard_size must be positive")
     model = load_model(model)
     corpus = _open_corpus(corpus)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rank, world = _rank_world()
+    rank, world = _rank_world() if distributed else (0, 1)
     bf16 = bf16_supported(model.device) if bf16 is None else bf16
     count = len(corpus)
+    manifest_path = out / MANIFEST
+    if shard_size is None:
+        resumed = json.loads(manifest_path.read_text()).get("shard_size") if manifest_path.exists() and not overwrite else None
+        shard_size = int(resumed) if resumed else default_shard_size(count, world)
     plan = {
         "format_version": FORMAT_VERSION,
         "model": model.name or "unnamed",
@@ -139,7 +153,6 @@ def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, b
         "corpus_bytes": Path(corpus.path).stat().st_size,
         "bf16": bool(bf16),
     }
-    manifest_path = out / MANIFEST
     if manifest_path.exists() and not overwrite:
         old = json.loads(manifest_path.read_text())
         diff = [k for k in _PLAN_KEYS if old.get(k) != plan[k]]

@@ -379,7 +379,7 @@ class MiningService:
         if self.device:
             model.to(self.device)
         store = encode_corpus(model, self.corpus, folder / "embeddings", batch_size=self.batch_size, bf16=self.bf16,
-                              show_progress=False)
+                              show_progress=False, distributed=False)
         DenseIndex.build(store, folder / "index", factory=self._factory, metric="ip")
         dense = DenseIndex.load(folder / "index", expect_dim=model.dim)
         step = _step_of(model_path) if checkpoint_path is not None else old.checkpoint_step

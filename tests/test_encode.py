@@ -118,6 +118,32 @@ def test_sharding_across_ranks(tiny_model_dir, corpus_file, tmp_path, monkeypatc
     np.testing.assert_array_equal(store.load_all(), ref)
 
 
+def test_default_shard_size_gives_every_rank_a_shard(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    from index.encode import default_shard_size
+
+    assert default_shard_size(5183, 2) == 2592 and default_shard_size(5183, 1) == 5183
+    assert default_shard_size(8_841_823, 8) == 100_000 and default_shard_size(1, 4) == 1
+    ref = encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "ref", show_progress=False).load_all()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # 21 documents on 2 ranks: shards of 11 and 10
+    monkeypatch.setenv("RANK", "1")
+    assert encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "rank1", show_progress=False) is None
+    assert [p.name for p in (tmp_path / "rank1").glob("shard-*")] == [shard_name(1)]
+    monkeypatch.setenv("RANK", "0")
+    assert encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "emb", show_progress=False) is None
+    assert [p.name for p in (tmp_path / "emb").glob("shard-*")] == [shard_name(0)]
+    monkeypatch.setenv("WORLD_SIZE", "1")  # resumed by one process: it adopts the folder's shard size
+    store = encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "emb", show_progress=False)
+    assert store.manifest["shard_size"] == 11 and store.manifest["num_shards"] == 2
+    np.testing.assert_allclose(store.load_all(), ref, atol=1e-3)  # other batches: float16 rounding only
+
+
+def test_not_distributed_encodes_everything_under_torchrun(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    store = encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "emb", show_progress=False, distributed=False)
+    assert store.count == len(TEXTS) * 3 and store.manifest["num_shards"] == 1
+
+
 def test_store_rejects_truncated_shard(tiny_model_dir, corpus_file, tmp_path):
     encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "emb", shard_size=8, show_progress=False)
     shard = tmp_path / "emb" / shard_name(1)
