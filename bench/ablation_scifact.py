@@ -11,8 +11,8 @@ rebuilt from all results so far, so arms and seeds can be run in separate invoca
     .venv/bin/python bench/ablation_scifact.py --arms zero-shot inbatch gist --seeds 42
     .venv/bin/python bench/ablation_scifact.py --arms inbatch st-mnrl --seeds 43 44 --work runs/ablation
 
-Learning rates are tuned on dev only: ``--lr ARM=VALUE --dev-only`` trains a variant (key ``ARM@lr=VALUE``;
-for ``star-adore`` the ADORE stage's rate, on the arm's own STAR model) and records its dev figures and
+Learning rates and epochs are tuned on dev only: ``--lr ARM=VALUE [--epochs ARM=N] --dev-only`` trains a
+variant (key ``ARM@lr=VALUE``; for ``star-adore`` the ADORE stage's, on the arm's own STAR model) and records its dev figures and
 nothing from test. The chosen rate is then run without ``--dev-only`` on every seed, and reported once:
 
     .venv/bin/python bench/ablation_scifact.py --arms star-adore --lr star-adore=3e-5 --dev-only --seeds 42
@@ -122,7 +122,7 @@ def bm25_mined(work: Path, train_examples) -> Path:
     return write_jsonl_atomic(path, rows)
 
 
-def st_mnrl(work: Path, train_examples, seed: int, lr: float = LR, name: str = "st-mnrl") -> Path:
+def st_mnrl(work: Path, train_examples, seed: int, lr: float = LR, name: str = "st-mnrl", epochs: int = 1) -> Path:
     """The peer: sentence-transformers' trainer with MultipleNegativesRankingLoss, same data and budget."""
     import torch
     from datasets import Dataset
@@ -141,7 +141,7 @@ def st_mnrl(work: Path, train_examples, seed: int, lr: float = LR, name: str = "
             rows["positive"].append(p)
     model = SentenceTransformer(resolve_model(MODEL))
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(work / name / "tmp"), num_train_epochs=1, per_device_train_batch_size=BATCH,
+        output_dir=str(work / name / "tmp"), num_train_epochs=epochs, per_device_train_batch_size=BATCH,
         learning_rate=lr, warmup_ratio=0.1, seed=seed, bf16=BF16, use_cpu=not torch.cuda.is_available(),
         batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none", logging_steps=5)
     SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
@@ -150,22 +150,32 @@ def st_mnrl(work: Path, train_examples, seed: int, lr: float = LR, name: str = "
     return out
 
 
-def run_arm(arm: str, work: Path, train_examples, seed: int, lr: float | None = None) -> tuple[str, float]:
-    """Train one arm with one seed under ``work``; returns (model folder, training seconds). ``lr`` replaces
-    the arm's learning rate (ADORE's stage in star-adore) and gets its own run folder."""
+def variant_tag(lr: float | None, epochs: int | None) -> str:
+    """``""`` for an arm's own settings, else e.g. ``"@lr=0.0001"`` or ``"@lr=0.0001,epochs=2"``."""
+    parts = ([f"lr={lr:g}"] if lr is not None else []) + ([f"epochs={epochs}"] if epochs is not None else [])
+    return "@" + ",".join(parts) if parts else ""
+
+
+def run_arm(arm: str, work: Path, train_examples, seed: int, lr: float | None = None,
+            epochs: int | None = None) -> tuple[str, float]:
+    """Train one arm with one seed under ``work``; returns (model folder, training seconds). ``lr`` and
+    ``epochs`` replace the arm's learning rate and epochs (ADORE's stage in star-adore); a variant gets its
+    own run folder."""
     t0 = time.perf_counter()
-    tag = "" if lr is None else f"@lr={lr:g}"
+    tag = variant_tag(lr, epochs)
 
     def cfg(strategy, options=None, **kw):
         if lr is not None and strategy != "star":
             kw["learning_rate"] = lr
+        if epochs is not None and strategy != "star":
+            kw["epochs"] = epochs
         return base_config(strategy, seed, options, **kw)
 
     star_options = {"range_min": 3, "range_max": 100}
     if arm == "zero-shot":
         return MODEL, 0.0
     if arm == "st-mnrl":
-        path = st_mnrl(work, train_examples, seed, lr or LR, name=arm + tag)
+        path = st_mnrl(work, train_examples, seed, lr or LR, name=arm + tag, epochs=epochs or 1)
     elif arm == "inbatch":
         path = train(cfg("inbatch"), work / (arm + tag))
     elif arm == "bm25":
@@ -221,10 +231,15 @@ def write_report(results: dict, output: Path) -> None:
         lines.append(f"| {arm} | {seeds} | {col('dev', 'ndcg@10')} | {col('test', 'ndcg@10')} | "
                      f"{col('test', 'mrr@10')} | {col('test', 'recall@100')} | "
                      f"{np.mean([r['train_s'] for r in runs]):.0f} |")
-    variants = sorted({k.split("/")[0] for k in results if "@" in k})
+    def variant_order(name: str):
+        arm, _, tag = name.partition("@")
+        settings = dict(part.split("=") for part in tag.split(","))
+        return arm, float(settings.get("lr", 0)), int(settings.get("epochs", 1))
+
+    variants = sorted({k.split("/")[0] for k in results if "@" in k}, key=variant_order)
     if variants:
-        lines += ["", "Learning-rate variants, tuned on dev (test only for the rate chosen on dev, run on every seed):", "",
-                  "| arm @ learning rate | seeds | dev nDCG@10 | test nDCG@10 | test MRR@10 | test Recall@100 | train time (s) |",
+        lines += ["", "Learning-rate / epoch variants, tuned on dev (test only for the rate chosen on dev, run on every seed):", "",
+                  "| arm @ variant | seeds | dev nDCG@10 | test nDCG@10 | test MRR@10 | test Recall@100 | train time (s) |",
                   "|---|---|---|---|---|---|---|"]
         for name in variants:
             runs = [r for key, r in sorted(results.items()) if key.split("/")[0] == name]
@@ -240,13 +255,13 @@ def write_report(results: dict, output: Path) -> None:
     output.write_text("\n".join(lines) + "\n")
 
 
-def _lr_overrides(pairs: list[str]) -> dict[str, float]:
+def _overrides(pairs: list[str], flag: str, kind=float) -> dict:
     out = {}
     for pair in pairs:
         arm, sep, value = pair.partition("=")
         if not sep or arm not in ARMS:
-            raise SystemExit(f"--lr {pair!r}: use ARM=VALUE with ARM one of {', '.join(ARMS)}")
-        out[arm] = float(value)
+            raise SystemExit(f"{flag} {pair!r}: use ARM=VALUE with ARM one of {', '.join(ARMS)}")
+        out[arm] = kind(value)
     return out
 
 
@@ -255,22 +270,23 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--lr", nargs="+", default=[], metavar="ARM=VALUE", help="a learning-rate variant of an arm")
+    parser.add_argument("--epochs", nargs="+", default=[], metavar="ARM=N", help="an epochs variant of an arm")
     parser.add_argument("--dev-only", action="store_true", help="record dev figures only (for tuning)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "ablation.md")
     args = parser.parse_args()
-    lrs = _lr_overrides(args.lr)
+    lrs, epochs = _overrides(args.lr, "--lr"), _overrides(args.epochs, "--epochs", int)
     args.work.mkdir(parents=True, exist_ok=True)
     results_path = args.work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     train_examples, dev = split()
     for arm in args.arms:
-        lr = lrs.get(arm)
+        lr, n_epochs = lrs.get(arm), epochs.get(arm)
         for seed in ([0] if arm == "zero-shot" else args.seeds):
-            key = f"{arm}{'' if lr is None else f'@lr={lr:g}'}/{seed}"
+            key = f"{arm}{variant_tag(lr, n_epochs)}/{seed}"
             if key in results and ("test" in results[key] or args.dev_only):
                 continue
-            model_dir, seconds = run_arm(arm, args.work / f"seed-{seed}", train_examples, seed, lr)
+            model_dir, seconds = run_arm(arm, args.work / f"seed-{seed}", train_examples, seed, lr, n_epochs)
             if key in results:  # tuned on dev earlier: keep that run's training time
                 seconds = results[key]["train_s"]
             scores = evaluate(model_dir, dev)
