@@ -183,7 +183,8 @@ def run_arm(arm: str, work: Path, train_examples, seed: int, lr: float | None = 
         data = {"jsonl": str(mined), "corpus": str(SCIFACT / "corpus.jsonl")}  # already the train split
         path = train(cfg("hard", {"per_query": 1}, data=data), work / (arm + tag))
     elif arm == "star":
-        path = train(base_config("star", seed, star_options, **({"learning_rate": lr} if lr else {})), work / (arm + tag))
+        own = {k: v for k, v in (("learning_rate", lr), ("epochs", epochs)) if v is not None}
+        path = train(base_config("star", seed, star_options, **own), work / (arm + tag))
     elif arm == "star-adore":
         star = train(cfg("star", star_options), work / "star")
         adore = cfg("adore", {"k": 100}) if lr is not None else cfg("adore", {"k": 100}, learning_rate=1e-5)
@@ -209,6 +210,13 @@ def _mean_sd(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
+def _variant_order(name: str):
+    """Sort key of ``ARM@lr=...,epochs=...``: by arm, then rate and epochs as numbers."""
+    arm, _, tag = name.partition("@")
+    settings = dict(part.split("=") for part in tag.split(","))
+    return arm, float(settings.get("lr", 0)), int(settings.get("epochs", 1))
+
+
 def write_report(results: dict, output: Path) -> None:
     import torch
 
@@ -231,12 +239,7 @@ def write_report(results: dict, output: Path) -> None:
         lines.append(f"| {arm} | {seeds} | {col('dev', 'ndcg@10')} | {col('test', 'ndcg@10')} | "
                      f"{col('test', 'mrr@10')} | {col('test', 'recall@100')} | "
                      f"{np.mean([r['train_s'] for r in runs]):.0f} |")
-    def variant_order(name: str):
-        arm, _, tag = name.partition("@")
-        settings = dict(part.split("=") for part in tag.split(","))
-        return arm, float(settings.get("lr", 0)), int(settings.get("epochs", 1))
-
-    variants = sorted({k.split("/")[0] for k in results if "@" in k}, key=variant_order)
+    variants = sorted({k.split("/")[0] for k in results if "@" in k}, key=_variant_order)
     if variants:
         lines += ["", "Learning-rate / epoch variants, tuned on dev (test only for the rate chosen on dev, run on every seed):", "",
                   "| arm @ variant | seeds | dev nDCG@10 | test nDCG@10 | test MRR@10 | test Recall@100 | train time (s) |",

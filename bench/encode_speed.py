@@ -54,12 +54,12 @@ def torchrun_encode(model_path: str, corpus, texts: list[str], args) -> np.ndarr
         if args.stride != 1:
             source = Path(tmp) / "corpus.jsonl"
             source.write_text("".join(json.dumps({"_id": str(i), "title": "", "text": t}) + "\n" for i, t in enumerate(texts)))
-        negatron = Path(sys.executable).with_name("negatron")
-        cmd = ["torchrun", "--standalone", f"--nproc-per-node={args.ranks}", "--no-python", str(negatron), "encode",
-               "--model", model_path, "--corpus", str(source), "--output", str(Path(tmp) / "emb"), "--dtype", "float32"]
+        bin_dir = Path(sys.executable).parent  # the venv's torchrun and negatron
+        cmd = [str(bin_dir / "torchrun"), "--standalone", f"--nproc-per-node={args.ranks}", "--no-python",
+               str(bin_dir / "negatron"), "encode", "--model", model_path, "--corpus", str(source),
+               "--output", str(Path(tmp) / "emb"), "--dtype", "float32"]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // args.ranks))}
-        subprocess.run([str(Path(sys.executable).with_name(cmd[0]))] + cmd[1:], check=True, env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return EmbeddingStore.open(Path(tmp) / "emb").load_all().astype(np.float32)
 
 
