@@ -16,6 +16,9 @@ variant (key ``ARM@lr=VALUE``; for ``star-adore`` the ADORE stage's, on the arm'
 nothing from test. The chosen rate is then run without ``--dev-only`` on every seed, and reported once:
 
     .venv/bin/python bench/ablation_scifact.py --arms star-adore --lr star-adore=3e-5 --dev-only --seeds 42
+
+``--star-lr VALUE`` sets star-adore's STAR stage rate too (key ``star-adore@lr=...,star_lr=VALUE``); that
+stage is the ``star`` arm's model at that rate (``--arms star --lr star=VALUE``), trained once and shared.
 """
 
 from __future__ import annotations
@@ -150,19 +153,21 @@ def st_mnrl(work: Path, train_examples, seed: int, lr: float = LR, name: str = "
     return out
 
 
-def variant_tag(lr: float | None, epochs: int | None) -> str:
-    """``""`` for an arm's own settings, else e.g. ``"@lr=0.0001"`` or ``"@lr=0.0001,epochs=2"``."""
-    parts = ([f"lr={lr:g}"] if lr is not None else []) + ([f"epochs={epochs}"] if epochs is not None else [])
+def variant_tag(lr: float | None, epochs: int | None, star_lr: float | None = None) -> str:
+    """``""`` for an arm's own settings, else e.g. ``"@lr=0.0001"`` or ``"@lr=0.0001,epochs=2,star_lr=5e-05"``."""
+    parts = ([f"lr={lr:g}"] if lr is not None else []) + ([f"epochs={epochs}"] if epochs is not None else []) \
+        + ([f"star_lr={star_lr:g}"] if star_lr is not None else [])
     return "@" + ",".join(parts) if parts else ""
 
 
 def run_arm(arm: str, work: Path, train_examples, seed: int, lr: float | None = None,
-            epochs: int | None = None) -> tuple[str, float]:
+            epochs: int | None = None, star_lr: float | None = None) -> tuple[str, float]:
     """Train one arm with one seed under ``work``; returns (model folder, training seconds). ``lr`` and
-    ``epochs`` replace the arm's learning rate and epochs (ADORE's stage in star-adore); a variant gets its
-    own run folder."""
+    ``epochs`` replace the arm's learning rate and epochs (ADORE's stage in star-adore); ``star_lr`` is the
+    rate of star-adore's STAR stage, whose model is the ``star`` arm's at that rate. A variant gets its own
+    run folder."""
     t0 = time.perf_counter()
-    tag = variant_tag(lr, epochs)
+    tag = variant_tag(lr, epochs, star_lr)
 
     def cfg(strategy, options=None, **kw):
         if lr is not None and strategy != "star":
@@ -186,7 +191,8 @@ def run_arm(arm: str, work: Path, train_examples, seed: int, lr: float | None = 
         own = {k: v for k, v in (("learning_rate", lr), ("epochs", epochs)) if v is not None}
         path = train(base_config("star", seed, star_options, **own), work / (arm + tag))
     elif arm == "star-adore":
-        star = train(cfg("star", star_options), work / "star")
+        star_own = {"learning_rate": star_lr} if star_lr is not None else {}
+        star = train(base_config("star", seed, star_options, **star_own), work / ("star" + variant_tag(star_lr, None)))
         adore = cfg("adore", {"k": 100}) if lr is not None else cfg("adore", {"k": 100}, learning_rate=1e-5)
         adore["model"]["name"] = str(star)
         path = train(adore, work / (arm + tag))
@@ -214,7 +220,8 @@ def _variant_order(name: str):
     """Sort key of ``ARM@lr=...,epochs=...``: by arm, then rate and epochs as numbers."""
     arm, _, tag = name.partition("@")
     settings = dict(part.split("=") for part in tag.split(","))
-    return arm, float(settings.get("lr", 0)), int(settings.get("epochs", 1))
+    return (arm, float(settings.get("star_lr", 0)), float(settings.get("lr", 0)),
+            int(settings.get("epochs", 1)))
 
 
 def write_report(results: dict, output: Path) -> None:
@@ -274,6 +281,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--lr", nargs="+", default=[], metavar="ARM=VALUE", help="a learning-rate variant of an arm")
     parser.add_argument("--epochs", nargs="+", default=[], metavar="ARM=N", help="an epochs variant of an arm")
+    parser.add_argument("--star-lr", type=float, help="star-adore: the STAR stage's learning rate")
     parser.add_argument("--dev-only", action="store_true", help="record dev figures only (for tuning)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "ablation.md")
@@ -286,10 +294,11 @@ def main() -> None:
     for arm in args.arms:
         lr, n_epochs = lrs.get(arm), epochs.get(arm)
         for seed in ([0] if arm == "zero-shot" else args.seeds):
-            key = f"{arm}{variant_tag(lr, n_epochs)}/{seed}"
+            star_lr = args.star_lr if arm == "star-adore" else None
+            key = f"{arm}{variant_tag(lr, n_epochs, star_lr)}/{seed}"
             if key in results and ("test" in results[key] or args.dev_only):
                 continue
-            model_dir, seconds = run_arm(arm, args.work / f"seed-{seed}", train_examples, seed, lr, n_epochs)
+            model_dir, seconds = run_arm(arm, args.work / f"seed-{seed}", train_examples, seed, lr, n_epochs, star_lr)
             if key in results:  # tuned on dev earlier: keep that run's training time
                 seconds = results[key]["train_s"]
             scores = evaluate(model_dir, dev)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +165,29 @@ def test_minilm_on_scifact_slice_matches_sentence_transformers(minilm_path, scif
     assert np.sum(ours * ref, axis=1).min() > 0.9999
     fast = encode_texts(minilm_path, texts[:4], kind="document", bf16=True)  # slow on CPUs without native bf16
     assert np.sum(fast * ref[:4], axis=1).min() > 0.995
+
+
+def _refresh_on_rank0(rank, init_file, model_dir, corpus, out, result):
+    """Rank 0 re-encodes alone (as the service's refresh thread does) while rank 1 only reaches the
+    final barrier: encode_corpus must not enter a collective of its own, or rank 0 would time out."""
+    from datetime import timedelta
+
+    import torch
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                                         timeout=timedelta(seconds=60))
+    if rank == 0:
+        store = encode_corpus(model_dir, corpus, out, show_progress=False, distributed=False)
+        Path(result).write_text(f"{store.count} {store.manifest['num_shards']}")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_not_distributed_inside_a_real_process_group(tiny_model_dir, corpus_file, tmp_path):
+    import torch.multiprocessing as mp
+
+    result = tmp_path / "result.txt"
+    mp.spawn(_refresh_on_rank0, args=(str(tmp_path / "init"), str(tiny_model_dir), str(corpus_file),
+                                      str(tmp_path / "emb"), str(result)), nprocs=2, join=True)
+    assert result.read_text() == f"{len(TEXTS) * 3} 1"
