@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,bm25,serve,mteb
+EXTRAS ?= test,bm25,serve,mteb,openvino
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.negatron-installed
 

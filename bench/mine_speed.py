@@ -5,6 +5,9 @@ corpus), same options (5 negatives, ranks 10-50, relative margin 0.05, FAISS). E
 subprocess, back to back, so wall time and peak RSS (the child's own ru_maxrss) are per tool.
 
     .venv/bin/python bench/mine_speed.py [--data ../shared/data/beir/scifact] [--json results.json]
+
+negatron runs with its default inference backend (OpenVINO bf16 on CPUs with native bf16 when installed,
+its model conversion timed); ``NEGATRON_ENCODE_BACKEND=torch`` times the torch path instead.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def run_negatron(data: Path, workdir: Path) -> dict:
     from retriever.cli import _register_all, app
 
     _register_all()
+    os.environ["NEGATRON_CACHE_DIR"] = str(workdir / "cache")  # empty: an OpenVINO conversion is timed too
     out = workdir / "mined.jsonl"
     args = ["mine", "--queries", str(data), "--split", "train", "--index", str(workdir / "index"),
             "--model", "sentence-transformers/all-MiniLM-L6-v2", "--output", str(out), "--k", "50",

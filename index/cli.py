@@ -24,6 +24,7 @@ def encode_command(
     dtype: str = typer.Option("float16", "--dtype", help="On-disk precision: float16 or float32."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Documents per shard, the unit of resume and of torchrun sharding (default: up to 100,000, at least one shard per rank)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder holding a different run."),
+    backend: str = typer.Option("auto", "--backend", help="Inference backend: auto (OpenVINO for bf16 on CPUs when installed, else torch), torch or openvino."),
 ) -> None:
     """Encode a corpus into float16/float32 embedding shards."""
     from retriever.data import DataError
@@ -34,8 +35,8 @@ def encode_command(
         raise typer.BadParameter("use float16 or float32", param_hint="--dtype")
     try:
         store = encode_corpus(model, corpus, output, batch_size=batch_size, bf16=False if fp32 else None,
-                              shard_size=shard_size, dtype=dtype, overwrite=overwrite)
-    except (DataError, OSError) as exc:
+                              shard_size=shard_size, dtype=dtype, overwrite=overwrite, backend=backend)
+    except (DataError, OSError, ValueError, ImportError) as exc:
         _fail(exc)
     if store is not None:
         typer.echo(f"{store.count} x {store.dim} {store.manifest['dtype']} embeddings in {output}")

@@ -25,6 +25,7 @@ from retriever.data import Corpus, DataError
 from retriever.modeling import bf16_supported  # noqa: F401  (re-exported for callers of index.encode)
 from retriever.io import atomic_write, write_text_atomic
 
+from index.openvino_backend import resolve_backend
 from index.store import FORMAT_VERSION, IDS, MANIFEST, EmbeddingStore, shard_name
 
 logger = logging.getLogger(__name__)
@@ -67,19 +68,20 @@ def model_fingerprint(model, kind: str = "document") -> str:
     return h.hexdigest()
 
 
-def _encode(model, texts: Sequence[str], kind: str, batch_size: int | None, bf16: bool, progress=None) -> np.ndarray:
+def _encode(model, texts: Sequence[str], kind: str, batch_size: int | None, bf16: bool, progress=None,
+            backend: str | None = None) -> np.ndarray:
     """Float32 embeddings in input order (see :meth:`BiEncoder.encode`: tokenise once, sort by length)."""
-    return model.encode(list(texts), kind=kind, batch_size=batch_size, bf16=bf16, progress=progress)
+    return model.encode(list(texts), kind=kind, batch_size=batch_size, bf16=bf16, progress=progress, backend=backend)
 
 
 def encode_texts(model, texts: Sequence[str], kind: str = "query", batch_size: int | None = None,
-                 bf16: bool | None = None) -> np.ndarray:
+                 bf16: bool | None = None, backend: str | None = None) -> np.ndarray:
     """Float32 ``[len(texts), dim]`` embeddings of ``texts`` as queries or documents."""
     if kind not in ("query", "document"):
         raise ValueError(f"kind must be 'query' or 'document', not {kind!r}")
     model = load_model(model)
     bf16 = bf16_supported(model.device) if bf16 is None else bf16
-    return _encode(model, list(texts), kind, batch_size, bf16)
+    return _encode(model, list(texts), kind, batch_size, bf16, backend=backend)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -109,7 +111,7 @@ def _open_corpus(corpus) -> Corpus:
 
 def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, bf16: bool | None = None,
                   shard_size: int | None = None, show_progress: bool = True, dtype: str = "float16",
-                  overwrite: bool = False, distributed: bool = True) -> EmbeddingStore:
+                  overwrite: bool = False, distributed: bool = True, backend: str | None = None) -> EmbeddingStore:
     """Encode every document (``title + " " + text``) of ``corpus`` into ``output_dir``.
 
     ``dtype`` is the on-disk precision (float16 halves disk and RAM; cosine to float32 > 0.9999).
@@ -120,6 +122,8 @@ def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, b
     100,000 documents, and small enough that every torchrun rank gets a shard.
     ``distributed=False`` encodes everything in this process even under torchrun (a mining service's
     refresh thread: its rank must not wait in a barrier the other ranks never reach).
+    ``backend`` is the inference backend (``auto``: OpenVINO for bf16 on CPUs when installed; see
+    :func:`index.openvino_backend.resolve_backend`).
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, not {dtype!r}")
@@ -152,6 +156,7 @@ def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, b
         "corpus": str(Path(corpus.path).resolve()),
         "corpus_bytes": Path(corpus.path).stat().st_size,
         "bf16": bool(bf16),
+        "backend": resolve_backend(backend, model.device, bool(bf16)),
     }
     if manifest_path.exists() and not overwrite:
         old = json.loads(manifest_path.read_text())
@@ -186,7 +191,7 @@ def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, b
         for i in todo:
             start, stop = i * shard_size, min((i + 1) * shard_size, count)
             texts = [doc.full_text for doc in corpus[start:stop]]
-            emb = _encode(model, texts, "document", batch_size, bf16, progress).astype(dtype, copy=False)
+            emb = _encode(model, texts, "document", batch_size, bf16, progress, backend).astype(dtype, copy=False)
             with atomic_write(out / shard_name(i)) as fh:
                 np.save(fh, emb)
     finally:

@@ -50,9 +50,13 @@ def mine_command(
     query_batch_size: int = typer.Option(256, "--query-batch-size", help="queries searched per chunk (bounds memory)"),
     device: Optional[str] = typer.Option(None, "--device", help="torch device for the models (default cpu)"),
     fp32: bool = typer.Option(False, "--fp32", help="encode in fp32 instead of bf16 autocast"),
+    backend: str = typer.Option("auto", "--backend", help="inference backend for every encoding of this run: auto (OpenVINO for bf16 on CPUs when installed), torch or openvino"),
 ) -> None:
     """Mine hard negatives for training queries into FlagEmbedding training JSONL."""
+    import os
     import time
+
+    from index.openvino_backend import resolve_backend
 
     from rich.console import Console
 
@@ -67,6 +71,11 @@ def mine_command(
         _fail("--index needs --model, the bi-encoder that built it (it encodes the queries)")
     if scorer_threshold is not None and scorer is None:
         _fail("--scorer-threshold needs --scorer MODEL")
+    try:
+        resolve_backend(backend, device or "cpu", not fp32)
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    os.environ["NEGATRON_ENCODE_BACKEND"] = backend  # the corpus, the queries and any scorer encode alike
     config = MiningConfig(k=k, range_min=range_min, range_max=range_max, num_negatives=num_negatives,
                           sampling=sampling.value, relative_margin=relative_margin, absolute_margin=absolute_margin,
                           scorer_threshold=scorer_threshold, seed=seed, query_batch_size=query_batch_size)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from index.openvino_backend import openvino_tower, resolve_backend
 from retriever.io import atomic_dir
 from retriever.resolve import install_hint, resolve_model
 
@@ -188,7 +189,8 @@ class BiEncoder(nn.Module):
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], kind: Kind = "document", batch_size: int | None = None,
-               bf16: bool | None = None, show_progress: bool = False, progress=None) -> np.ndarray:
+               bf16: bool | None = None, show_progress: bool = False, progress=None,
+               backend: str | None = None) -> np.ndarray:
         """Float32 ``[len(texts), dim]`` embeddings in input order.
 
         Tokenises once, sorts by token length (each batch pads to its longest member, so sorting nearly
@@ -196,7 +198,9 @@ class BiEncoder(nn.Module):
         :func:`default_batch_size` for the device. ``bf16=None`` enables bf16 autocast where the
         hardware computes bf16 natively (see :func:`bf16_supported`); ``bf16=False`` gives fp32
         reference embeddings. ``progress`` is an open tqdm bar to advance (else ``show_progress``
-        opens one).
+        opens one). ``backend`` (``auto``, ``torch``, ``openvino``; default ``$NEGATRON_ENCODE_BACKEND``
+        or ``auto``): ``auto`` runs bf16 CPU inference through OpenVINO when it is installed (see
+        :mod:`index.openvino_backend`), everything else through torch.
         """
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not len(texts):
@@ -210,6 +214,12 @@ class BiEncoder(nn.Module):
         columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in enc]
         order = np.argsort([-len(ids) for ids in enc["input_ids"]], kind="stable")
         tower = self.tower(kind)
+        run = tower
+        if resolve_backend(backend, device, bf16) == "openvino":
+            # longest and shortest text: an example with padding, so the traced graph keeps the mask
+            pair = [order[0], order[-1]]
+            example = self.tokenizer.pad({c: [enc[c][i] for i in pair] for c in columns}, return_tensors="pt")
+            run = openvino_tower(tower, example, bf16) or tower
         was_training = tower.training
         tower.eval()
         own_bar = progress is None and show_progress
@@ -223,7 +233,7 @@ class BiEncoder(nn.Module):
                     idx = order[start:start + batch_size]
                     batch = self.tokenizer.pad({c: [enc[c][i] for i in idx] for c in columns}, return_tensors="pt")
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    outputs = tower(**batch)
+                    outputs = run(**batch)
                     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
                     emb = pool(hidden.float(), batch["attention_mask"], self.pooling)
                     if self.normalize:

@@ -1,10 +1,13 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NEGATRON_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# Converted OpenVINO models go to a throw-away cache, not the user's ~/.cache/negatron.
+os.environ["NEGATRON_CACHE_DIR"] = tempfile.mkdtemp(prefix="negatron-test-cache-")
 
 
 @pytest.fixture(scope="session")
