@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retriever.memory import release_freed_memory
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "openvino")
@@ -159,6 +161,8 @@ def openvino_tower(tower: torch.nn.Module, example: dict[str, torch.Tensor], bf1
             config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                       "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
             compiled = ov.Core().compile_model(model, "CPU", config)
+            del model  # the compiled model holds its own (bf16) weights
+            release_freed_memory()
         except Exception as err:  # noqa: BLE001 - any conversion failure falls back to torch
             logger.warning("OpenVINO could not convert %s (%s: %s); encoding with torch instead",
                            type(tower).__name__, type(err).__name__, err)
