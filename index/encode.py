@@ -55,17 +55,22 @@ def model_fingerprint(model, kind: str = "document") -> str:
 
     Two folders with the same fingerprint were encoded by the same checkpoint with the same pooling,
     normalisation, prefix and max length."""
-    import torch
-
     h = hashlib.blake2b(digest_size=8)
     prefix = model.query_prefix if kind == "query" else model.doc_prefix
     max_len = model.query_max_length if kind == "query" else model.doc_max_length
     h.update(json.dumps([model.pooling, model.normalize, prefix, max_len]).encode())
-    for name, tensor in model.tower(kind).state_dict().items():
+    hash_weights(h, model.tower(kind))
+    return h.hexdigest()
+
+
+def hash_weights(h, module) -> None:
+    """Feed every tensor of ``module``'s state dict (name and raw bytes) into the hash ``h``."""
+    import torch
+
+    for name, tensor in module.state_dict().items():
         h.update(name.encode())
         t = tensor.detach().contiguous().cpu()
         h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def _encode(model, texts: Sequence[str], kind: str, batch_size: int | None, bf16: bool, progress=None,

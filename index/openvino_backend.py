@@ -78,13 +78,11 @@ def _weights_state(tower: torch.nn.Module) -> tuple:
 def _weights_hash(tower: torch.nn.Module) -> str:
     import hashlib
 
+    from index.encode import hash_weights  # index.encode imports this module
+
     h = hashlib.blake2b(digest_size=8)
     h.update(type(tower).__name__.encode())
-    for name, tensor in tower.state_dict().items():
-        t = tensor.detach().contiguous().cpu()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
+    hash_weights(h, tower)
     return h.hexdigest()
 
 

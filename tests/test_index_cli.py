@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -82,3 +83,20 @@ def test_bm25_index_and_search(app, beir_folder, tmp_path):
     assert r.exit_code == 0, r.output
     rows = _trec(tmp_path / "run.trec")
     assert rows[0][:3] == ["q1", "Q0", "d3"] and any(row[:3] == ["q2", "Q0", "d2"] for row in rows)
+
+
+def test_encode_backends_agree_and_unknown_backend_is_refused(app, tiny_model_dir, beir_folder, tmp_path):
+    from index.store import EmbeddingStore
+
+    runner = CliRunner()
+    base = ["encode", "--model", str(tiny_model_dir), "--corpus", str(beir_folder), "--dtype", "float32", "--fp32"]
+    r = runner.invoke(app, base + ["--output", str(tmp_path / "onnx"), "--backend", "onnx"])
+    assert r.exit_code == 2 and "unknown encode backend 'onnx'" in r.output
+    pytest.importorskip("openvino")
+    for backend in ("torch", "openvino"):
+        r = runner.invoke(app, base + ["--output", str(tmp_path / backend), "--backend", backend])
+        assert r.exit_code == 0, r.output
+    torch_emb = EmbeddingStore.open(tmp_path / "torch")
+    openvino_emb = EmbeddingStore.open(tmp_path / "openvino")
+    assert (torch_emb.manifest["backend"], openvino_emb.manifest["backend"]) == ("torch", "openvino")
+    np.testing.assert_allclose(openvino_emb.load_all(), torch_emb.load_all(), atol=2e-5)

@@ -156,3 +156,10 @@ def test_index_corpus_mismatch_is_rejected(beir, tiny_model_dir, tmp_path, share
                 "--corpus", shared_data / "msmarco" / "samples" / "collection.head89.tsv", "--index", tmp_path / "idx",
                 "--model", tiny_model_dir, "--k", 40, "--range-max", 30, "--output", tmp_path / "o2.jsonl")
     assert bad.exit_code == 2 and "corpus" in bad.output
+
+
+def test_mine_refuses_an_unknown_backend(beir, tiny_model_dir, tmp_path):
+    r = _mine("--queries", beir, "--index", tmp_path / "idx", "--model", tiny_model_dir, "--output",
+              tmp_path / "a.jsonl", "--backend", "onnx")
+    assert r.exit_code == 2 and "unknown encode backend 'onnx'" in r.output
+    assert not (tmp_path / "idx").exists()  # refused before any work
