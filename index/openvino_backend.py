@@ -102,11 +102,17 @@ def _convert(tower: torch.nn.Module, example: dict[str, torch.Tensor], key: str)
     was_training = tower.training
     tower.eval()
     try:
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the trace touches config attributes that log notes meant for training
         with torch.no_grad(), warnings.catch_warnings():
             # the tracer's notes on Python-level shape checks: they hold for every padded batch
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", FutureWarning)
             model = ov.convert_model(tower, example_input=dict(example))
     finally:
+        hf_logging.set_verbosity(verbosity)
         tower.train(was_training)
     try:
         root.mkdir(parents=True, exist_ok=True)
