@@ -22,6 +22,7 @@ import tempfile
 import threading
 import warnings
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from retriever.memory import release_freed_memory
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "openvino")
+ENV = "NEGATRON_ENCODE_BACKEND"  # the default backend of encodings that name none
 KEEP_ON_DISK = 4  # converted checkpoints kept in the disk cache (each about the size of the weights)
 _MEMORY: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()  # tower -> (state, runner)
 _FAILED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
@@ -50,7 +52,7 @@ def resolve_backend(backend: str | None, device: torch.device | str, bf16: bool)
     :func:`retriever.modeling.bf16_supported`) and the package is installed; fp32 requests stay in torch,
     whose fp32 embeddings are the reference. ``openvino`` forces it (bf16 or fp32 as asked), ``torch``
     never uses it."""
-    backend = backend or os.environ.get("NEGATRON_ENCODE_BACKEND") or "auto"
+    backend = backend or os.environ.get(ENV) or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"unknown encode backend {backend!r}; choose {', '.join(BACKENDS)}")
     cpu = torch.device(device).type == "cpu"
@@ -63,6 +65,21 @@ def resolve_backend(backend: str | None, device: torch.device | str, bf16: bool)
     if backend == "auto" and cpu and bf16 and openvino_available():
         return "openvino"
     return "torch"
+
+
+@contextmanager
+def encode_backend(backend: str):
+    """Within the block, every encoding that names no backend of its own uses ``backend`` (through
+    ``NEGATRON_ENCODE_BACKEND``); the previous setting is restored afterwards."""
+    previous = os.environ.get(ENV)
+    os.environ[ENV] = backend
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = previous
 
 
 def _cache_root() -> Path:

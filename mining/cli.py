@@ -53,10 +53,9 @@ def mine_command(
     backend: str = typer.Option("auto", "--backend", help="inference backend for every encoding of this run: auto (OpenVINO for bf16 on CPUs when installed), torch or openvino"),
 ) -> None:
     """Mine hard negatives for training queries into FlagEmbedding training JSONL."""
-    import os
     import time
 
-    from index.openvino_backend import resolve_backend
+    from index.openvino_backend import encode_backend, resolve_backend
 
     from rich.console import Console
 
@@ -75,44 +74,44 @@ def mine_command(
         resolve_backend(backend, device or "cpu", not fp32)
     except (ValueError, ImportError) as exc:
         _fail(str(exc))
-    os.environ["NEGATRON_ENCODE_BACKEND"] = backend  # the corpus, the queries and any scorer encode alike
-    config = MiningConfig(k=k, range_min=range_min, range_max=range_max, num_negatives=num_negatives,
-                          sampling=sampling.value, relative_margin=relative_margin, absolute_margin=absolute_margin,
-                          scorer_threshold=scorer_threshold, seed=seed, query_batch_size=query_batch_size)
-    try:
-        config.validate()
-    except ValueError as exc:
-        _fail(str(exc))
-    t_start = time.perf_counter()
-    try:
-        training, docs = load_training_queries(queries, split=split, qrels=qrels, corpus=corpus)
-    except DataError as exc:
-        _fail(str(exc))
-    if not training:
-        _fail(f"{queries}: no query with a positive to mine for")
-    bf16 = False if fp32 else None
-    timings = {}
-    if index is not None:
-        retriever = _dense_retriever(index, model, docs, training, device, batch_size, bf16, console, timings)
-    else:
-        from index.bm25 import BM25Searcher
+    with encode_backend(backend):  # the corpus, the queries and any scorer encode alike
+        config = MiningConfig(k=k, range_min=range_min, range_max=range_max, num_negatives=num_negatives,
+                              sampling=sampling.value, relative_margin=relative_margin, absolute_margin=absolute_margin,
+                              scorer_threshold=scorer_threshold, seed=seed, query_batch_size=query_batch_size)
+        try:
+            config.validate()
+        except ValueError as exc:
+            _fail(str(exc))
+        t_start = time.perf_counter()
+        try:
+            training, docs = load_training_queries(queries, split=split, qrels=qrels, corpus=corpus)
+        except DataError as exc:
+            _fail(str(exc))
+        if not training:
+            _fail(f"{queries}: no query with a positive to mine for")
+        bf16 = False if fp32 else None
+        timings = {}
+        if index is not None:
+            retriever = _dense_retriever(index, model, docs, training, device, batch_size, bf16, console, timings)
+        else:
+            from index.bm25 import BM25Searcher
 
-        retriever = BM25Retriever(BM25Searcher(bm25))
-    scorer_obj = None
-    if scorer is not None:
-        from mining.filters import load_scorer
+            retriever = BM25Retriever(BM25Searcher(bm25))
+        scorer_obj = None
+        if scorer is not None:
+            from mining.filters import load_scorer
 
-        scorer_obj = load_scorer(scorer, scorer_type.value, device=device)
-    stats = MiningStats(num_negatives=num_negatives)
-    stats.settings = {**config.__dict__, "retriever": retriever.name, "queries": str(queries), "index": str(index or bm25),
-                      "model": model, "scorer": scorer, "scorer_type": scorer_type.value if scorer else None}
-    stats.seconds.update(timings)
-    mined = mine(training, docs, retriever, config, scorer=scorer_obj, stats=stats, show_progress=True)
-    out_path, stats_path = write_training_jsonl(output, mined, docs, stats)
-    stats.seconds["total"] = time.perf_counter() - t_start
-    stats.write(stats_path)
-    console.print(stats.table())
-    console.print(f"wrote {stats.settings['rows_written']:,} rows to {out_path} (stats: {stats_path})")
+            scorer_obj = load_scorer(scorer, scorer_type.value, device=device)
+        stats = MiningStats(num_negatives=num_negatives)
+        stats.settings = {**config.__dict__, "retriever": retriever.name, "queries": str(queries), "index": str(index or bm25),
+                          "model": model, "scorer": scorer, "scorer_type": scorer_type.value if scorer else None}
+        stats.seconds.update(timings)
+        mined = mine(training, docs, retriever, config, scorer=scorer_obj, stats=stats, show_progress=True)
+        out_path, stats_path = write_training_jsonl(output, mined, docs, stats)
+        stats.seconds["total"] = time.perf_counter() - t_start
+        stats.write(stats_path)
+        console.print(stats.table())
+        console.print(f"wrote {stats.settings['rows_written']:,} rows to {out_path} (stats: {stats_path})")
 
 
 def _dense_retriever(index: Path, model: str, docs, training, device, batch_size, bf16, console, timings):

@@ -2,6 +2,7 @@
 triples, scorer filters, and clear errors for bad input."""
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -29,8 +30,9 @@ def _rows(path):
 def test_mine_beir_builds_then_reuses_index(beir, tiny_model_dir, tmp_path):
     common = ["--queries", beir, "--index", tmp_path / "idx", "--model", tiny_model_dir, "--k", 40, "--range-min", 2,
               "--range-max", 30, "--num-negatives", 4]
-    first = _mine(*common, "--output", tmp_path / "a.jsonl")
+    first = _mine(*common, "--output", tmp_path / "a.jsonl", "--backend", "torch")
     assert first.exit_code == 0, first.output
+    assert "NEGATRON_ENCODE_BACKEND" not in os.environ  # the command's backend does not outlive it
     assert (tmp_path / "idx").is_dir() and "negatives written" in first.output
     second = _mine(*common, "--output", tmp_path / "b.jsonl")  # index exists now: loaded, not rebuilt
     assert second.exit_code == 0, second.output

@@ -2,6 +2,7 @@
 and a fallback to torch when it cannot be used."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -130,3 +131,15 @@ def test_padding_is_honoured_when_the_longest_batch_has_none(model, tmp_path, mo
     same = ["alpha beta gamma delta"] * 3 + ["a", "alpha beta"]  # the first batch of 3 needs no padding
     ref = model.encode(same, bf16=False, backend="torch", batch_size=3)
     np.testing.assert_allclose(model.encode(same, bf16=False, backend="openvino", batch_size=3), ref, atol=2e-5)
+
+
+def test_encode_backend_block_sets_and_restores_the_default(monkeypatch):
+    monkeypatch.setenv("NEGATRON_ENCODE_BACKEND", "openvino")
+    with ovb.encode_backend("torch"):
+        assert ovb.resolve_backend(None, "cpu", bf16=True) == "torch"
+    assert ovb.resolve_backend(None, "cpu", bf16=True) == "openvino"
+    monkeypatch.delenv("NEGATRON_ENCODE_BACKEND")
+    with pytest.raises(RuntimeError):
+        with ovb.encode_backend("torch"):
+            raise RuntimeError("a failed command")
+    assert "NEGATRON_ENCODE_BACKEND" not in os.environ
