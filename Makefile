@@ -8,7 +8,7 @@ EXTRAS ?= test,bm25,serve,mteb,openvino
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.negatron-installed
 
-.PHONY: install quickstart browser test test-all test-fast clean
+.PHONY: install quickstart reproduce browser test test-all test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(STAMP)
 
 quickstart: install
 	$(BIN)/negatron quickstart
+
+# Re-measure the published figures of configs/reproductions/*.yaml on ../shared/data (measured vs published, ✓/✗).
+reproduce: install
+	$(BIN)/negatron reproduce
 
 # Headless Chromium for the report screenshot test; best effort (needs root and apt-get), tests skip without it.
 browser:

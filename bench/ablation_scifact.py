@@ -199,8 +199,13 @@ def run_arm(arm: str, work: Path, train_examples, seed: int, lr: float | None = 
     elif arm == "gist":
         path = train(cfg("gist", {"guide": "sentence-transformers/all-mpnet-base-v2"}), work / (arm + tag))
     elif arm == "ar2":
-        path = train(cfg("ar2", {"per_query": 3, "refresh_every": 10, "ranker_steps": 5, "retriever_steps": 5,
-                                 "range_min": 3}), work / (arm + tag))
+        # STAR -> ADORE's budget (two epochs of steps): one epoch warms the ranker up on the retriever's own
+        # top-100 candidates (ranks 3+), then cycles of 1 ranker + 10 retriever steps; one index refresh.
+        steps = len(train_examples) // BATCH
+        path = train(cfg("ar2", {"per_query": 3, "k": 100, "range_min": 3, "refresh_every": steps // 2,
+                                 "ranker_warmup_steps": steps, "ranker_steps": 1, "retriever_steps": 10,
+                                 "ranker_lr": 1e-4, "adv_lambda": 0.5}, epochs=2),
+                     work / (arm + tag))
     elif arm == "ance":
         path = train(cfg("ance", {"refresh_every": 10, "range_min": 3}), work / (arm + tag))
     elif arm == "tasb":

@@ -30,18 +30,22 @@ def load_model(model, **overrides):
 
 
 def dense_search(model, corpus, query_texts: Sequence[str], k: int, batch_size: int | None = None, bf16: bool | None = None,
-                 index_dir=None, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                 index_dir=None, timings: dict | None = None, progress=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(scores, rows, doc_ids) of the exact top-``k`` for each query.
 
     Without ``index_dir`` the corpus is encoded ``ENCODE_BLOCK`` documents at a time and each block
     is merged into a running top-k, so only one block of embeddings is ever held. With it, a
-    prebuilt ``index.faiss_index.DenseIndex`` is searched instead.
+    prebuilt ``index.faiss_index.DenseIndex`` is searched instead. ``progress`` (a
+    :class:`retriever.progress.ProgressDisplay`) shows one bar for the queries and one for the corpus.
     """
     from eval.search import TopK
+    from retriever.progress import NO_PROGRESS
 
+    progress = progress or NO_PROGRESS
     timings = {} if timings is None else timings
     start = time.perf_counter()
-    q_emb = encode_texts(model, query_texts, "query", batch_size, bf16)
+    with progress.stage("encode queries", len(query_texts), "queries") as bar:
+        q_emb = encode_texts(model, query_texts, "query", batch_size, bf16, progress=bar)
     timings["encode_queries_s"] = time.perf_counter() - start
     if index_dir is not None:
         from index.faiss_index import DenseIndex
@@ -53,15 +57,16 @@ def dense_search(model, corpus, query_texts: Sequence[str], k: int, batch_size: 
         return np.asarray(scores), np.asarray(rows), list(index.ids)
     top = TopK(q_emb, k)
     encode_s = search_s = 0.0
-    for begin in range(0, len(corpus), ENCODE_BLOCK):
-        rows = range(begin, min(begin + ENCODE_BLOCK, len(corpus)))
-        start = time.perf_counter()
-        block = encode_texts(model, corpus.texts(rows), "document", batch_size, bf16)
-        encode_s += time.perf_counter() - start
-        start = time.perf_counter()
-        top.add(block)
-        search_s += time.perf_counter() - start
-        logger.info("searched %d/%d documents", rows.stop, len(corpus))
+    with progress.stage("encode + search corpus", len(corpus), "docs") as bar:
+        for begin in range(0, len(corpus), ENCODE_BLOCK):
+            rows = range(begin, min(begin + ENCODE_BLOCK, len(corpus)))
+            start = time.perf_counter()
+            block = encode_texts(model, corpus.texts(rows), "document", batch_size, bf16, progress=bar)
+            encode_s += time.perf_counter() - start
+            start = time.perf_counter()
+            top.add(block)
+            search_s += time.perf_counter() - start
+            logger.info("searched %d/%d documents", rows.stop, len(corpus))
     timings["encode_corpus_s"], timings["search_s"] = encode_s, search_s
     scores, rows = top.result()
     return scores, rows, corpus.ids
@@ -103,7 +108,7 @@ def evaluate_run(name: str, split: str, model_name: str, queries: Mapping[str, s
 def evaluate_corpus(model, name: str, corpus, queries: Mapping[str, str], qrels, *, split: str = "test",
                     output_dir=None, k: int = 1000, batch_size: int | None = None, bf16: bool | None = None,
                     index_dir=None, metrics: Sequence[str] = DEFAULT_METRICS, relevance_level: int = 1,
-                    ignore_identical_ids: bool = True) -> dict:
+                    ignore_identical_ids: bool = True, progress=None, extra: dict | None = None) -> dict:
     """Encode, search and score one corpus/queries/qrels triple (queries without judgements are skipped)."""
     start = time.perf_counter()
     model = load_model(model)
@@ -111,27 +116,69 @@ def evaluate_corpus(model, name: str, corpus, queries: Mapping[str, str], qrels,
     query_ids = list(judged)
     timings: dict = {}
     scores, rows, doc_ids = dense_search(model, corpus, [judged[q] for q in query_ids], k, batch_size, bf16,
-                                         index_dir=index_dir, timings=timings)
+                                         index_dir=index_dir, timings=timings, progress=progress)
     run = run_from_arrays(query_ids, doc_ids, scores, rows)
     return evaluate_run(name, split, str(model.name or "model"), judged, {q: qrels[q] for q in query_ids}, run,
                         num_docs=len(doc_ids), seconds=time.perf_counter() - start, output_dir=output_dir,
                         metrics=metrics, relevance_level=relevance_level, ignore_identical_ids=ignore_identical_ids,
-                        extra={"k": k, "bf16": bf16 is not False,
+                        extra={"k": k, "bf16": bf16 is not False, **(extra or {}),
                                "timings": {key: round(v, 3) for key, v in timings.items()}})
+
+
+def check_qrels(qrels_path, qrels, queries: Mapping[str, str], corpus, strict: bool = False) -> int:
+    """Validate ``qrels`` against ``queries`` and ``corpus``; return the number of dangling judgements.
+
+    A judged query id missing from the queries file is an error (nothing could be searched for it).
+    A judged document missing from the corpus (five official ArguAna qrels name one) is, as in
+    BEIR, MTEB and pytrec_eval, kept: relevant, never retrieved. It is counted and reported in one
+    warning line with an example; ``strict`` makes it an error naming the qrels line.
+    """
+    from retriever.data import DataError
+
+    for qid in qrels:
+        if qid not in queries:
+            raise DataError(qrels_path, _line_of(qrels_path, qid), f"query id {qid!r} is judged but not in the queries file",
+                            "fix the qrels or the queries file")
+    dangling = [(qid, doc) for qid, docs in qrels.items() for doc in docs if doc not in corpus]
+    if dangling and strict:
+        qid, doc = dangling[0]
+        raise DataError(qrels_path, _line_of(qrels_path, qid, doc),
+                        f"{len(dangling)} judgement(s) name documents absent from the corpus, e.g. query {qid!r} -> {doc!r}",
+                        "drop --strict-qrels to score them as BEIR does (relevant, never retrieved), or fix the qrels")
+    if dangling:
+        qid, doc = dangling[0]
+        logger.warning("%s: %d judgement(s) name documents absent from the corpus (e.g. query %r -> %r); scored as "
+                       "BEIR/pytrec_eval score them: relevant, never retrieved", qrels_path, len(dangling), qid, doc)
+    return len(dangling)
+
+
+def _line_of(path, qid: str, doc: str | None = None) -> int | None:
+    """The first line of the qrels file ``path`` judging ``qid`` (and ``doc``), for error messages."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            parts = line.split()
+            if parts and parts[0] == qid and (doc is None or doc in parts[1:-1] or parts[1:] == [doc]):
+                return lineno
+    return None
 
 
 def evaluate_beir(model, data_dir, split: str = "test", output_dir=None, k: int = 1000, batch_size: int | None = None,
                   bf16: bool | None = None, index_dir=None, metrics: Sequence[str] = DEFAULT_METRICS,
-                  ignore_identical_ids: bool = True) -> dict:
+                  ignore_identical_ids: bool = True, strict_qrels: bool = False, progress=None) -> dict:
     """Evaluate ``model`` (BiEncoder, path or name) on the BEIR folder ``data_dir``.
 
     Document text is ``title + " " + text``; a retrieved document whose id equals the query id is
     ignored (``ignore_identical_ids``, BEIR's default); only queries judged in ``qrels/<split>.tsv``
-    are scored. Returns the metrics.json dict.
+    are scored; judgements of documents absent from the corpus count as relevant and never
+    retrieved (see :func:`check_qrels`; ``strict_qrels`` makes them an error). Returns the
+    metrics.json dict, whose ``dangling_qrels`` counts them.
     """
     from retriever.data import load_beir
 
-    data = load_beir(data_dir, split)
+    data = load_beir(data_dir, split, check_ids=False)
+    qrels_path = Path(data_dir) / "qrels" / f"{split}.tsv"
+    dangling = check_qrels(qrels_path, data.qrels, data.queries, data.corpus, strict=strict_qrels)
     return evaluate_corpus(model, data.name, data.corpus, data.queries, data.qrels, split=split,
                            output_dir=output_dir, k=k, batch_size=batch_size, bf16=bf16, index_dir=index_dir,
-                           metrics=metrics, ignore_identical_ids=ignore_identical_ids)
+                           metrics=metrics, ignore_identical_ids=ignore_identical_ids, progress=progress,
+                           extra={"dangling_qrels": dangling})

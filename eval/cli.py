@@ -60,9 +60,16 @@ def beir_command(
     fp32: bool = typer.Option(False, "--fp32", help="Encode in fp32 instead of bf16 autocast."),
     keep_identical_ids: bool = typer.Option(False, "--keep-identical-ids",
                                             help="Score a document whose id equals the query id (ignored by default)."),
+    strict_qrels: bool = typer.Option(False, "--strict-qrels",
+                                      help="Fail on judgements of documents absent from the corpus (default: count, "
+                                           "warn once and score them as BEIR does: relevant, never retrieved)."),
+    rerank: Optional[str] = typer.Option(None, "--rerank", help="CrossEncoder folder: also rerank the top "
+                                         "--rerank-depth and score that into <output>/<dataset>-reranked/."),
+    rerank_depth: int = typer.Option(100, "--rerank-depth", min=1, help="Documents per query the --rerank ranker rescores."),
 ) -> None:
     """Evaluate a dense retriever on BEIR folders (nDCG@10, MRR@10, Recall@k, MAP@100)."""
     from eval.beir import evaluate_beir, load_model
+    from retriever.progress import ProgressDisplay
 
     if index is not None and len(data) > 1:
         raise typer.BadParameter("--index serves one corpus; give a single --data with it", param_hint="--index")
@@ -70,11 +77,25 @@ def beir_command(
         encoder = load_model(model)
         results = [evaluate_beir(encoder, d, split=split, output_dir=output, k=k, batch_size=batch_size,
                                  bf16=False if fp32 else None, index_dir=index,
-                                 ignore_identical_ids=not keep_identical_ids) for d in data]
+                                 ignore_identical_ids=not keep_identical_ids, strict_qrels=strict_qrels,
+                                 progress=ProgressDisplay()) for d in data]
+        if rerank is not None:  # second stage on the run just written (retriever/ranker_commands.py)
+            from retriever.ranker import Ranker
+            from retriever.ranker_commands import rerank_evaluation
+
+            ranker = Ranker.load(rerank, device=str(encoder.device))
+            results += [rerank_evaluation(ranker, d, split, output, r, rerank_depth, bf16=False if fp32 else None,
+                                          ignore_identical_ids=not keep_identical_ids) for d, r in zip(data, results)]
     except _user_errors() as exc:
         raise typer.BadParameter(str(exc)) from None
     _print_table(results, f"{model} — BEIR {split}")
-    typer.echo(f"wrote {output}/<dataset>/metrics.json, run.trec, per_query.jsonl")
+    _print_written(output, results)
+
+
+def _print_written(output: Path, results: list[dict]) -> None:
+    """The folders just written, by their real paths."""
+    for r in results:
+        typer.echo(f"wrote {output / r['dataset']}/: metrics.json, run.trec, per_query.jsonl")
 
 
 @eval_app.command("msmarco")
@@ -94,16 +115,19 @@ def msmarco_command(
 ) -> None:
     """Evaluate on MS MARCO dev or TREC DL 2019/2020 from the official TSV/TREC files."""
     from eval.msmarco import PRESETS, evaluate_msmarco
+    from retriever.progress import ProgressDisplay
 
     if preset not in PRESETS:
         raise typer.BadParameter(f"choose one of {', '.join(PRESETS)}", param_hint="--preset")
     try:
         result = evaluate_msmarco(model, collection=collection, queries=queries, qrels=qrels, data_dir=data,
                                   preset=preset, output_dir=output, k=k, batch_size=batch_size,
-                                  bf16=False if fp32 else None, index_dir=index, name=name)
+                                  bf16=False if fp32 else None, index_dir=index, name=name,
+                                  progress=ProgressDisplay())
     except _user_errors() as exc:
         raise typer.BadParameter(str(exc)) from None
     _print_table([result], f"{model} — {preset}")
+    _print_written(output, [result])
 
 
 @eval_app.command("mteb")
@@ -160,6 +184,53 @@ def report_command(
     typer.echo(f"wrote {html} and {html.with_name('report.md')}")
 
 
+def reproduce_command(
+    tables: List[Path] = typer.Argument(None, help="Reproduction tables (YAML); default: configs/reproductions/*.yaml."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root",
+                                             help="Folder holding the rows' datasets (default: $NEGATRON_SHARED_DATA "
+                                                  "or ../shared/data)."),
+    output: Path = typer.Option(Path("runs/reproduce"), "--output", help="Folder for each evaluation's metrics and run."),
+    only: Optional[str] = typer.Option(None, "--only", help="Run only rows whose dataset, model or retriever contains this."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Encoding batch size (default: 16 on CPU, 128 on GPU)."),
+    fp32: bool = typer.Option(False, "--fp32", help="Encode in fp32 instead of bf16 autocast."),
+) -> None:
+    """Re-measure published figures (a 2CR-style YAML table) and print measured vs published, ✓/✗ per row."""
+    from rich.table import Table
+
+    from eval.reproduce import default_data_root, load_tables, reproduce
+    from retriever.progress import ProgressDisplay
+
+    try:
+        rows = load_tables(tables or ())
+        if only:
+            rows = [r for r in rows if any(only.lower() in f.lower() for f in (r.dataset, r.model, r.retriever))]
+        if not rows:
+            raise typer.BadParameter(f"no row matches --only {only!r}", param_hint="--only")
+        root = data_root or default_data_root()
+        outcomes = reproduce(rows, root, output_dir=output, batch_size=batch_size, bf16=False if fp32 else None,
+                             progress=ProgressDisplay())
+    except _user_errors() as exc:
+        raise typer.BadParameter(str(exc)) from None
+    table = Table(title=f"reproductions ({root})")
+    for col, justify in (("", "center"), ("dataset", "left"), ("retriever", "left"), ("metric", "left"),
+                         ("published", "right"), ("measured", "right"), ("Δ", "right"), ("tolerance", "right"),
+                         ("source", "left")):
+        table.add_column(col, justify=justify)
+    marks = {"ok": "[green]✓[/]", "fail": "[red]✗[/]", "skipped": "[yellow]–[/]"}
+    for o in outcomes:
+        measured = f"{o.measured:.4f}" if o.measured is not None else o.detail
+        delta = f"{o.delta:+.4f}" if o.delta is not None else ""
+        table.add_row(marks[o.status], f"{o.row.dataset} ({o.row.split})", o.row.label, o.row.metric,
+                      f"{o.row.published:.4f}", measured, delta, f"±{o.row.tolerance:g}", o.row.source)
+    _console().print(table)
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "fail", "skipped")}
+    typer.echo(f"{counts['ok']} reproduced, {counts['fail']} not, {counts['skipped']} skipped; "
+               f"metrics and runs under {output}")
+    if counts["fail"]:
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(eval_app, name="eval")
     app.command("report")(report_command)
+    app.command("reproduce")(reproduce_command)

@@ -102,7 +102,11 @@ def local_beir_task(data_dir, split: str = "test", name: str | None = None):
         def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
             if self.data_loaded:
                 return
-            data = load_beir(folder, split_name)
+            from eval.beir import check_qrels
+
+            # dangling qrels: warned about once, then scored by mteb as it scores them (relevant, never retrieved)
+            data = load_beir(folder, split_name, check_ids=False)
+            check_qrels(Path(folder) / "qrels" / f"{split_name}.tsv", data.qrels, data.queries, data.corpus)
             docs = list(data.corpus)
             corpus = Dataset.from_dict({"id": [d.id for d in docs], "title": [d.title for d in docs],
                                         "text": [d.text for d in docs]})

@@ -49,6 +49,8 @@ def build_command(
     metric: str = typer.Option("ip", "--metric", help="ip (inner product) or cosine."),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists probed per query (default min(nlist, 64))."),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search breadth (default 128)."),
+    train_sample: Optional[int] = typer.Option(None, "--train-sample", min=1, help="Vectors that train IVF/PQ (default max(64*nlist, 100k), at most 2M)."),
+    gpu: str = typer.Option("auto", "--gpu", help="auto (every GPU FAISS sees, else CPU), yes (fail without one) or no."),
 ) -> None:
     """Build a FAISS index from encoded embeddings."""
     from retriever.data import DataError
@@ -57,9 +59,12 @@ def build_command(
 
     if metric not in ("ip", "cosine"):
         raise typer.BadParameter("use ip or cosine", param_hint="--metric")
+    if gpu not in ("auto", "yes", "no"):
+        raise typer.BadParameter("use auto, yes or no", param_hint="--gpu")
     try:
-        index = DenseIndex.build(embeddings, output, factory=factory, metric=metric, nprobe=nprobe, ef_search=ef_search)
-    except (DataError, ValueError) as exc:
+        index = DenseIndex.build(embeddings, output, factory=factory, metric=metric, nprobe=nprobe, ef_search=ef_search,
+                                 train_sample=train_sample, use_gpu={"auto": "auto", "yes": True, "no": False}[gpu])
+    except (DataError, ValueError, RuntimeError) as exc:
         _fail(exc)
     typer.echo(f"{index!r} built in {index.manifest['build_seconds']:.1f}s -> {output}")
 

@@ -80,13 +80,15 @@ def _encode(model, texts: Sequence[str], kind: str, batch_size: int | None, bf16
 
 
 def encode_texts(model, texts: Sequence[str], kind: str = "query", batch_size: int | None = None,
-                 bf16: bool | None = None, backend: str | None = None) -> np.ndarray:
-    """Float32 ``[len(texts), dim]`` embeddings of ``texts`` as queries or documents."""
+                 bf16: bool | None = None, backend: str | None = None, progress=None) -> np.ndarray:
+    """Float32 ``[len(texts), dim]`` embeddings of ``texts`` as queries or documents.
+
+    ``progress`` is advanced by each batch encoded (``progress.update(n)``)."""
     if kind not in ("query", "document"):
         raise ValueError(f"kind must be 'query' or 'document', not {kind!r}")
     model = load_model(model)
     bf16 = bf16_supported(model.device) if bf16 is None else bf16
-    return _encode(model, list(texts), kind, batch_size, bf16, backend=backend)
+    return _encode(model, list(texts), kind, batch_size, bf16, progress=progress, backend=backend)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -185,23 +187,18 @@ def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, b
     todo = [i for i in mine if not (out / shard_name(i)).exists()]
     if len(todo) < len(mine):
         logger.info("resuming: %d of %d shards already done in %s", len(mine) - len(todo), len(mine), out)
-    progress = None
-    if show_progress:
-        from tqdm.auto import tqdm
+    from retriever.progress import ProgressDisplay
 
-        total = sum(min(shard_size, count - i * shard_size) for i in todo)
-        progress = tqdm(total=total, unit="doc", desc=f"encode rank {rank}" if world > 1 else "encode", unit_scale=True)
+    # one display for the whole stage; its total is what this rank still has to encode, so it ends full
+    total = sum(min(shard_size, count - i * shard_size) for i in todo)
     started = time.perf_counter()
-    try:
+    with ProgressDisplay(enabled=show_progress).stage(f"encode rank {rank}" if world > 1 else "encode", total) as progress:
         for i in todo:
             start, stop = i * shard_size, min((i + 1) * shard_size, count)
             texts = [doc.full_text for doc in corpus[start:stop]]
             emb = _encode(model, texts, "document", batch_size, bf16, progress, backend).astype(dtype, copy=False)
             with atomic_write(out / shard_name(i)) as fh:
                 np.save(fh, emb)
-    finally:
-        if progress is not None:
-            progress.close()
     seconds = time.perf_counter() - started
     if todo:
         logger.info("encoded %d shards in %.1fs", len(todo), seconds)

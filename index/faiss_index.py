@@ -6,6 +6,17 @@ IVF sizing: FAISS wants at least 39 training points per centroid. When the corpu
 the requested ``nlist`` we clamp ``nlist`` to ``count // 39`` and log a warning (the factory actually
 used is recorded in the manifest), rather than fail: a small corpus with a big-corpus recipe should
 still index, and the manifest tells the truth about what was built.
+
+IVF/PQ training sample: ``train_sample`` vectors (default ``max(64 * nlist, 100_000)``, capped at
+``MAX_DEFAULT_TRAIN_SAMPLE`` = 2M and at the corpus size), gathered from the float16 shards row by row
+and converted to float32 once: IVF16384 at 8.8M x 768 trains on 1.05M vectors (3.2 GB float32), not on
+``256 * nlist`` = all 8.8M (27 GB). Pass ``train_sample`` to trade memory for centroid quality.
+
+GPUs: a single process builds on every GPU FAISS sees (sharded, float16) and keeps that GPU index for
+search; only the CPU copy needed to write ``index.faiss`` is made, never a second GPU copy. Under
+torchrun, rank 0 alone builds and writes the folder while the other ranks wait at a barrier and then
+load it, each onto its own GPU (``LOCAL_RANK``) rather than every rank onto every GPU. GPU FAISS returns
+at most ``GPU_MAX_K`` = 2,048 hits per query; :meth:`DenseIndex.search` says so instead of crashing.
 """
 
 from __future__ import annotations
@@ -14,9 +25,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -34,6 +47,8 @@ FORMAT_VERSION = 1
 MIN_POINTS_PER_CENTROID = 39
 DEFAULT_NPROBE = 64
 DEFAULT_EF_SEARCH = 128
+MAX_DEFAULT_TRAIN_SAMPLE = 2_000_000
+GPU_MAX_K = 2048  # faiss/gpu/utils/DeviceDefs.cuh: GPU_MAX_SELECTION_K
 _REBUILD = "rebuild it with `negatron index build --embeddings DIR --output {dir}`"
 
 
@@ -73,11 +88,34 @@ def _hnsw(index):
         return None
 
 
-def _normalized(x: np.ndarray) -> np.ndarray:
-    x = np.array(x, dtype=np.float32, copy=True, order="C")
+def _normalized(x: np.ndarray, inplace: bool = False) -> np.ndarray:
+    if not (inplace and x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable):
+        x = np.array(x, dtype=np.float32, copy=True, order="C")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     x /= np.maximum(norms, 1e-12)
     return x
+
+
+def default_train_sample(nlist: int, count: int) -> int:
+    """Training vectors for ``nlist`` IVF lists: 64 a list (FAISS warns below 39), at least 100k, at most 2M."""
+    return min(count, max(64 * nlist, 100_000), MAX_DEFAULT_TRAIN_SAMPLE)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:
+        pass
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def _model_matches(expect, manifest: dict) -> bool:
@@ -100,7 +138,7 @@ def _model_matches(expect, manifest: dict) -> bool:
 class DenseIndex:
     """Exact (``Flat``) or approximate (``HNSW32``, ``IVF4096,Flat``, ``IVF4096,PQ64``) inner-product search."""
 
-    def __init__(self, index, ids: list[str], manifest: dict, folder: Path | None = None):
+    def __init__(self, index, ids: Sequence[str], manifest: dict, folder: Path | None = None):
         self.index = index
         self.ids = ids
         self.manifest = manifest
@@ -119,12 +157,33 @@ class DenseIndex:
     @classmethod
     def build(cls, store_or_dir: EmbeddingStore | str | os.PathLike, output_dir: str | os.PathLike, factory: str = "Flat",
               metric: str = "ip", train_sample: int | None = None, use_gpu: bool | str = "auto",
-              nprobe: int | None = None, ef_search: int | None = None, seed: int = 0) -> "DenseIndex":
+              nprobe: int | None = None, ef_search: int | None = None, seed: int = 0,
+              distributed: bool = True) -> "DenseIndex":
         """Build from an embeddings folder and save to ``output_dir`` atomically.
 
         ``metric="cosine"`` L2-normalises documents (and, at search time, queries) and uses inner product.
-        ``train_sample``: vectors used to train IVF/PQ (default ``min(count, 256 * nlist)``, at least 100k when available).
+        ``train_sample``: vectors used to train IVF/PQ (default :func:`default_train_sample`).
+        Under torchrun (an initialised process group) rank 0 builds and writes; the other ranks wait at a
+        barrier, then load the folder (each onto its own GPU). Every rank must call this, unless
+        ``distributed=False``: this process alone builds (a mining service on the main rank, whose other
+        ranks never reach the barrier).
         """
+        rank, world = _dist_rank_world() if distributed else (0, 1)
+        if world > 1:
+            if rank == 0:
+                try:
+                    built = cls._build(store_or_dir, output_dir, factory, metric, train_sample, use_gpu, nprobe,
+                                       ef_search, seed, keep_gpu=False)
+                finally:
+                    _barrier()  # release the others even on failure: they then fail to load, not hang
+                return cls(_to_gpus(built.index, use_gpu), built.ids, built.manifest, built.folder)
+            _barrier()
+            return cls.load(output_dir, use_gpu=use_gpu)
+        return cls._build(store_or_dir, output_dir, factory, metric, train_sample, use_gpu, nprobe, ef_search, seed)
+
+    @classmethod
+    def _build(cls, store_or_dir, output_dir, factory, metric, train_sample, use_gpu, nprobe, ef_search, seed,
+               keep_gpu: bool = True) -> "DenseIndex":
         import faiss
 
         if metric not in ("ip", "cosine"):
@@ -138,26 +197,30 @@ class DenseIndex:
             raise ValueError(f"FAISS cannot build factory {factory!r} for {store.dim}-d vectors: "
                              f"{str(exc).strip().splitlines()[-1]}. Try 'Flat', 'HNSW32', 'IVF4096,Flat' or "
                              f"'IVF4096,PQ{store.dim // 8}' (PQ sub-quantisers must divide the dimension)") from None
-        ngpu = faiss.get_num_gpus() if use_gpu in ("auto", True) else 0
+        ngpu = _num_gpus(faiss) if use_gpu in ("auto", True) else 0
         if use_gpu is True and ngpu == 0:
-            raise RuntimeError("use_gpu=True but FAISS sees no GPU; install faiss-gpu (pip install 'negatron[gpu]')")
+            raise RuntimeError("use_gpu=True but FAISS sees no GPU; install the GPU build of FAISS "
+                               "(pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12, see the README)")
         gpu_ok = ngpu > 0 and "HNSW" not in used_factory  # FAISS has no GPU HNSW
         index = faiss.index_cpu_to_all_gpus(cpu_index, _cloner_options(faiss), ngpu=ngpu) if gpu_ok else cpu_index
-        prep = _normalized if metric == "cosine" else (lambda x: np.ascontiguousarray(x, dtype=np.float32))
 
+        n_train = None
         if not cpu_index.is_trained:
             nlist = _nlist(cpu_index) or 1
-            n_train = min(store.count, train_sample or max(256 * nlist, 100_000))
+            n_train = min(store.count, int(train_sample)) if train_sample else default_train_sample(nlist, store.count)
             rng = np.random.default_rng(seed)
             rows = np.sort(rng.choice(store.count, size=n_train, replace=False))
-            sample = prep(_gather(store, rows))
-            logger.info("training %s on %d vectors", used_factory, n_train)
+            sample = _gather(store, rows)  # float32, one copy
+            if metric == "cosine":
+                _normalized(sample, inplace=True)
+            logger.info("training %s on %d of %d vectors (%.0f MB float32)", used_factory, n_train, store.count,
+                        sample.nbytes / 2**20)
             index.train(sample)
-        for _, emb in store.iter_shards():
-            for start in range(0, len(emb), 65_536):
-                index.add(prep(emb[start:start + 65_536]))
-        if gpu_ok:
-            cpu_index = faiss.index_gpu_to_cpu(index)
+            del sample
+        for emb in _raw_shards(store):
+            for start in range(0, len(emb), 65_536):  # convert 65k rows at a time, never a whole shard
+                chunk = np.ascontiguousarray(emb[start:start + 65_536], dtype=np.float32)
+                index.add(_normalized(chunk, inplace=True) if metric == "cosine" else chunk)
         build_seconds = time.perf_counter() - started
 
         nlist = _nlist(cpu_index)
@@ -175,16 +238,26 @@ class DenseIndex:
             "ef_search": (ef_search or DEFAULT_EF_SEARCH) if "HNSW" in used_factory else None,
             "build_seconds": round(build_seconds, 3),
             "gpus_used_for_build": ngpu if gpu_ok else 0,
+            "train_sample": n_train,
             "embeddings": str(Path(store.folder).resolve()),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         output_dir = Path(output_dir)
         with atomic_dir(output_dir) as tmp:
-            faiss.write_index(cpu_index, str(tmp / INDEX_FILE))
+            # FAISS writes CPU indexes only: a GPU-built one is copied back for the file, then dropped
+            to_write = faiss.index_gpu_to_cpu(index) if gpu_ok else cpu_index
+            faiss.write_index(to_write, str(tmp / INDEX_FILE))
+            del to_write
             manifest["index_bytes"] = (tmp / INDEX_FILE).stat().st_size
-            (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in store.ids), encoding="utf-8")
+            shutil.copyfile(Path(store.folder) / "ids.txt", tmp / IDS_FILE)  # same rows: copy, never a list of ids
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        return cls(_to_gpus(cpu_index, use_gpu), list(store.ids), manifest, output_dir)
+        if gpu_ok and keep_gpu:
+            return cls(index, read_ids(output_dir / IDS_FILE, store.count), manifest, output_dir)  # no second GPU copy
+        if gpu_ok:
+            del index
+            cpu_index = faiss.read_index(str(output_dir / INDEX_FILE))  # the GPU copy is freed; the caller places it
+        return cls(cpu_index if not keep_gpu else _to_gpus(cpu_index, use_gpu), read_ids(output_dir / IDS_FILE, store.count),
+                   manifest, output_dir)
 
     # ------------------------------------------------------------------ load
     @classmethod
@@ -244,12 +317,20 @@ class DenseIndex:
             faiss.ParameterSpace().set_index_parameter(self.index, "efSearch", int(ef_search))
 
     @property
+    def max_k(self) -> int | None:
+        """Most hits one search returns: 2,048 on a GPU index, unbounded (None) on the CPU."""
+        return GPU_MAX_K if self._on_gpu else None
+
+    @property
     def _on_gpu(self) -> bool:
         return "Gpu" in type(self.index).__name__ or "Shards" in type(self.index).__name__
 
     def search(self, query_embeddings: np.ndarray, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores float32 ``[n, k]``, rows int64 ``[n, k]``), best first; row -1 pads when k > count."""
         q = np.atleast_2d(np.asarray(query_embeddings, dtype=np.float32))
+        if self.max_k is not None and k > self.max_k:
+            raise ValueError(f"k={k} is more than a GPU FAISS index returns ({self.max_k}); ask for k <= {self.max_k} "
+                             "or load the index on the CPU (use_gpu=False)")
         if q.shape[1] != self.dim:
             raise ValueError(f"queries are {q.shape[1]}-d but the index holds {self.dim}-d vectors "
                              f"(built from {self.manifest.get('model')!r})")
@@ -279,14 +360,24 @@ class DenseIndex:
         return f"DenseIndex(count={self.count}, dim={self.dim}, factory={m.get('factory')!r}, metric={m.get('metric')!r}, model={m.get('model')!r})"
 
 
+def _raw_shards(store: EmbeddingStore):
+    """Each shard as stored (float16 memmap): callers convert the rows they need, not whole shards."""
+    return store.raw_shards()
+
+
 def _gather(store: EmbeddingStore, rows: np.ndarray) -> np.ndarray:
+    """Rows (sorted) of the store as one float32 array, read shard by shard from the float16 memmaps."""
     out = np.empty((len(rows), store.dim), dtype=np.float32)
     done = 0
-    for (start, stop), (_, emb) in zip(store.shard_ranges(), store.iter_shards()):
+    for (start, stop), emb in zip(store.shard_ranges(), _raw_shards(store)):
         pick = rows[(rows >= start) & (rows < stop)] - start
         out[done:done + len(pick)] = emb[pick]
         done += len(pick)
     return out
+
+
+def _num_gpus(faiss) -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
 def _cloner_options(faiss):
@@ -297,11 +388,32 @@ def _cloner_options(faiss):
 
 
 def _to_gpus(index, use_gpu):
-    """Every GPU FAISS sees, sharded, float16 storage; the CPU index when there are none (or for HNSW)."""
+    """Every GPU FAISS sees, sharded, float16 storage; the CPU index when there are none (or for HNSW).
+
+    Under torchrun each rank takes only its own GPU (``LOCAL_RANK``): eight ranks each sharding over all
+    eight GPUs would put eight copies on every GPU.
+    """
     import faiss
 
-    if use_gpu not in ("auto", True) or not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+    if use_gpu not in ("auto", True) or _num_gpus(faiss) == 0:
         return index
     if _hnsw(index) is not None:
         return index
+    _, world = _dist_rank_world()
+    if world > 1:
+        co = faiss.GpuClonerOptions()
+        co.useFloat16 = True
+        device = int(os.environ.get("LOCAL_RANK", "0")) % _num_gpus(faiss)
+        return faiss.index_cpu_to_gpu(_gpu_resources(device), device, index, co)
     return faiss.index_cpu_to_all_gpus(index, _cloner_options(faiss))
+
+
+_GPU_RESOURCES: dict[int, object] = {}
+
+
+def _gpu_resources(device: int):
+    import faiss
+
+    if device not in _GPU_RESOURCES:  # one StandardGpuResources per device per process (it owns scratch memory)
+        _GPU_RESOURCES[device] = faiss.StandardGpuResources()
+    return _GPU_RESOURCES[device]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -40,12 +40,14 @@ def read_manifest(folder: Path) -> dict:
         raise DataError(path, exc.lineno, f"corrupt manifest ({exc.msg})", "delete the folder and re-run `negatron encode`") from None
 
 
-def read_ids(path: Path, expected: int) -> list[str]:
+def read_ids(path: Path, expected: int):
+    """The folder's ids as a read-only sequence over the memory-mapped ``ids.txt`` (8 bytes an id for the
+    newline positions; a Python list of MS MARCO's 8.8M ids would take ~0.5 GB in every process)."""
+    from retriever.offset_index import CorpusIds
+
     if not path.is_file():
         raise DataError(path, None, "ids file is missing", "delete the folder and rebuild it")
-    ids = path.read_text(encoding="utf-8").split("\n")
-    if ids and ids[-1] == "":
-        ids.pop()
+    ids = CorpusIds.from_lines(path)
     if len(ids) != expected:
         raise DataError(path, None, f"{len(ids)} ids but the manifest says {expected}", "the folder is corrupt or truncated; delete it and rebuild")
     return ids
@@ -54,7 +56,7 @@ def read_ids(path: Path, expected: int) -> list[str]:
 class EmbeddingStore:
     """Read access to an embeddings folder written by :func:`index.encode.encode_corpus`."""
 
-    def __init__(self, folder: Path, manifest: dict, ids: list[str]):
+    def __init__(self, folder: Path, manifest: dict, ids: Sequence[str]):
         self.folder = folder
         self.manifest = manifest
         self.ids = ids
@@ -109,6 +111,26 @@ class EmbeddingStore:
         for i, (start, stop) in enumerate(self.shard_ranges()):
             arr = self._shard(i, start, stop)
             yield self.ids[start:stop], arr if arr.dtype == np.float32 else arr.astype(np.float32)
+
+    def raw_shards(self) -> Iterator[np.ndarray]:
+        """Each shard as stored (a float16/float32 read-only memmap): convert only the rows you need."""
+        for i, (start, stop) in enumerate(self.shard_ranges()):
+            yield self._shard(i, start, stop)
+
+    def gather(self, rows, dtype=np.float32) -> np.ndarray:
+        """Embeddings of ``rows`` (any order, repeats allowed) read from the memmapped shards: what ADORE needs
+        for its negatives, without ``load_all()`` (27 GB float32 at 8.8M x 768)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.count):
+            raise IndexError(f"rows must lie in [0, {self.count})")
+        out = np.empty((len(rows), self.dim), dtype=dtype)
+        size = int(self.manifest["shard_size"])
+        shard_of = rows // size
+        for s in np.unique(shard_of).tolist():
+            start, stop = s * size, min((s + 1) * size, self.count)
+            pick = np.flatnonzero(shard_of == s)
+            out[pick] = self._shard(s, start, stop)[rows[pick] - start]
+        return out
 
     def load_all(self) -> np.ndarray:
         out = np.empty((self.count, self.dim), dtype=np.float32)

@@ -17,6 +17,7 @@ class Sampling(str, Enum):
 class ScorerType(str, Enum):
     cross_encoder = "cross-encoder"
     bi_encoder = "bi-encoder"
+    ranker = "ranker"  # a cross-encoder whose scores become the rows' pos_scores/neg_scores (teacher)
 
 
 def _fail(message: str) -> None:
@@ -42,8 +43,9 @@ def mine_command(
     sampling: Sampling = typer.Option(Sampling.top, "--sampling", help="top: best-ranked survivors; random: seeded sample"),
     relative_margin: Optional[float] = typer.Option(None, "--relative-margin", help="drop candidates above pos - |pos| x margin"),
     absolute_margin: Optional[float] = typer.Option(None, "--absolute-margin", help="drop candidates above pos - margin"),
-    scorer: Optional[str] = typer.Option(None, "--scorer", help="cross-encoder or guide bi-encoder to veto false negatives"),
-    scorer_type: ScorerType = typer.Option(ScorerType.cross_encoder, "--scorer-type", help="kind of --scorer"),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="cross-encoder or guide bi-encoder to veto false negatives; "
+                                         "ranker:R = cross-encoder R whose scores become pos_scores/neg_scores (teacher)"),
+    scorer_type: ScorerType = typer.Option(ScorerType.cross_encoder, "--scorer-type", help="kind of --scorer (ranker: as ranker:R)"),
     scorer_threshold: Optional[float] = typer.Option(None, "--scorer-threshold", help="drop candidates the scorer rates above this"),
     seed: int = typer.Option(42, "--seed", help="seed for --sampling random"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="encoding batch size (default: 16 on CPU, 128 on GPU)"),
@@ -70,6 +72,11 @@ def mine_command(
         _fail("--index needs --model, the bi-encoder that built it (it encodes the queries)")
     if scorer_threshold is not None and scorer is None:
         _fail("--scorer-threshold needs --scorer MODEL")
+    scorer_kind = scorer_type.value
+    if scorer is not None and scorer.startswith("ranker:"):
+        scorer, scorer_kind = scorer[len("ranker:"):], ScorerType.ranker.value
+        if not scorer:
+            _fail("--scorer ranker:R needs the ranker folder after `ranker:`")
     try:
         resolve_backend(backend, device or "cpu", not fp32)
     except (ValueError, ImportError) as exc:
@@ -101,10 +108,13 @@ def mine_command(
         if scorer is not None:
             from mining.filters import load_scorer
 
-            scorer_obj = load_scorer(scorer, scorer_type.value, device=device)
+            try:
+                scorer_obj = load_scorer(scorer, scorer_kind, device=device)
+            except (OSError, ValueError) as exc:
+                _fail(f"cannot load --scorer {scorer}: {exc}")
         stats = MiningStats(num_negatives=num_negatives)
         stats.settings = {**config.__dict__, "retriever": retriever.name, "queries": str(queries), "index": str(index or bm25),
-                          "model": model, "scorer": scorer, "scorer_type": scorer_type.value if scorer else None}
+                          "model": model, "scorer": scorer, "scorer_type": scorer_kind if scorer else None}
         stats.seconds.update(timings)
         mined = mine(training, docs, retriever, config, scorer=scorer_obj, stats=stats, show_progress=True)
         out_path, stats_path = write_training_jsonl(output, mined, docs, stats)

@@ -285,6 +285,7 @@ class MinedQuery:
     negative_ranks: list[int]
     scorer_positive_scores: list[float] | None = None
     scorer_negative_scores: list[float] | None = None
+    teacher: bool = False  # the scorer's scores are the row's pos_scores/neg_scores (`--scorer ranker:R`)
 
     def to_row(self, corpus: Corpus) -> dict:
         q = self.query
@@ -302,6 +303,9 @@ class MinedQuery:
         if self.scorer_negative_scores is not None:
             row["scorer_pos_scores"] = [float(s) for s in self.scorer_positive_scores or []]
             row["scorer_neg_scores"] = [float(s) for s in self.scorer_negative_scores]
+            if self.teacher:  # distillation reads pos_scores/neg_scores: give it the ranker's
+                row["retriever_pos_scores"], row["retriever_neg_scores"] = row["pos_scores"], row["neg_scores"]
+                row["pos_scores"], row["neg_scores"] = row["scorer_pos_scores"], row["scorer_neg_scores"]
         return row
 
 
@@ -332,10 +336,53 @@ def mine(queries: Sequence[TrainingQuery], corpus: Corpus, retriever: Retriever,
         hits = retriever.search(chunk, config.k)
         pos_scores = retriever.positive_scores(chunk, hits)
         timing["retrieve"] = timing.get("retrieve", 0.0) + time.perf_counter() - t0
+        chunk_scorer = scorer
+        if scorer is not None and hasattr(scorer, "score_many"):
+            t0 = time.perf_counter()
+            chunk_scorer = _prescore(chunk, hits, pos_scores, corpus, config, scorer)
+            timing["score"] = timing.get("score", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         for q, (ids, scores), q_pos in zip(chunk, hits, pos_scores):
-            yield _select(q, ids, scores, q_pos, corpus, config, scorer, rng, stats)
+            yield _select(q, ids, scores, q_pos, corpus, config, chunk_scorer, rng, stats)
         timing["filter"] = timing.get("filter", 0.0) + time.perf_counter() - t0
+
+
+class _ScoreTable:
+    """A batched scorer's answers for one chunk of queries, served back through ``score(query, passages)``."""
+
+    def __init__(self, scorer, table: dict[tuple[str, str], float]):
+        self.scorer, self.table = scorer, table
+        self.teacher = getattr(scorer, "teacher", False)
+
+    def score(self, query: str, passages) -> np.ndarray:
+        return np.asarray([self.table[(query, p)] for p in passages], dtype=np.float32)
+
+
+def _prescore(chunk, hits, pos_scores, corpus: Corpus, config: MiningConfig, scorer) -> _ScoreTable:
+    """Score every query's survivors of filters 1-3 (and its positives) in one ``score_many`` call, so a
+    cross-encoder fills its batches across queries instead of running one small batch per query."""
+    requests = []
+    for q, (ids, scores), q_pos in zip(chunk, hits, pos_scores):
+        survivors = _filter(q, ids, scores, q_pos, corpus, config, None).kept
+        requests.append((q.text, corpus.texts(corpus.row(ids[p]) for p in survivors) + list(q.positive_texts)))
+    table = {}
+    for (query, passages), rated in zip(requests, scorer.score_many(requests)):
+        table.update({(query, p): float(s) for p, s in zip(passages, rated)})
+    return _ScoreTable(scorer, table)
+
+
+def _filter(q: TrainingQuery, ids: list[str], scores: np.ndarray, q_pos: list[float], corpus: Corpus,
+            config: MiningConfig, scorer_fn):
+    needs_texts = bool(q.positive_texts)  # every query: a duplicate of a positive under another id is no negative
+    texts = corpus.texts(corpus.row(d) for d in ids[:config.range_max]) if needs_texts else None
+    window = ids[:config.range_max]  # ranks beyond the window can never be kept; skip their bookkeeping
+    return filter_candidates(
+        window, scores[:config.range_max],
+        exclude_ids=set(q.positive_ids), exclude_texts={t.strip() for t in q.positive_texts}, texts=texts,
+        range_min=config.range_min, range_max=config.range_max,
+        pos_score=min(q_pos) if q_pos else None, relative_margin=config.relative_margin,
+        absolute_margin=config.absolute_margin, scorer=scorer_fn, scorer_threshold=config.scorer_threshold,
+    )
 
 
 def _select(q: TrainingQuery, ids: list[str], scores: np.ndarray, q_pos: list[float], corpus: Corpus,
@@ -345,16 +392,7 @@ def _select(q: TrainingQuery, ids: list[str], scores: np.ndarray, q_pos: list[fl
     if scorer is not None:
         def scorer_fn(positions: np.ndarray) -> np.ndarray:
             return scorer.score(q.text, corpus.texts(corpus.row(ids[p]) for p in positions))
-    needs_texts = bool(q.positive_texts) and len(q.positive_ids) < len(q.positive_texts)
-    texts = corpus.texts(corpus.row(d) for d in ids[:config.range_max]) if needs_texts else None
-    window = ids[:config.range_max]  # ranks beyond the window can never be kept; skip their bookkeeping
-    result = filter_candidates(
-        window, scores[:config.range_max],
-        exclude_ids=set(q.positive_ids), exclude_texts={t.strip() for t in q.positive_texts}, texts=texts,
-        range_min=config.range_min, range_max=config.range_max,
-        pos_score=pos_score, relative_margin=config.relative_margin, absolute_margin=config.absolute_margin,
-        scorer=scorer_fn, scorer_threshold=config.scorer_threshold,
-    )
+    result = _filter(q, ids, scores, q_pos, corpus, config, scorer_fn)
     result.dropped["rank_window"] += max(0, len(ids) - config.range_max)
     chosen = sample_negatives(result.kept, config.num_negatives, config.sampling, rng)
     margin_applied = pos_score is not None or (config.relative_margin is None and config.absolute_margin is None)
@@ -363,6 +401,7 @@ def _select(q: TrainingQuery, ids: list[str], scores: np.ndarray, q_pos: list[fl
     if scorer is not None:
         mined.scorer_negative_scores = [result.scorer_scores[int(p)] for p in chosen]
         mined.scorer_positive_scores = [float(s) for s in scorer.score(q.text, q.positive_texts)]
+        mined.teacher = bool(getattr(scorer, "teacher", False))
     return mined
 
 

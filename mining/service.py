@@ -24,7 +24,7 @@ from typing import Literal, NamedTuple, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mining.filters import FILTER_NAMES, filter_candidates, sample_negatives
+from mining.filters import FILTER_NAMES, filter_candidates, positive_mask, sample_negatives
 from mining.miner import encode_texts
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,9 @@ class MineRequest(BaseModel):
     exclude_ids: list[str] | list[list[str]] | None = Field(
         None, description="doc ids never returned: one list for all queries, or one list per query")
     positive_ids: list[list[str]] | None = Field(
-        None, description="positives per query: excluded, and their scores drive the margin filters")
+        None, description="positives per query: excluded (by id and by text); their scores drive the margin filters")
+    exclude_texts: list[list[str]] | None = Field(
+        None, description="texts never returned, one list per query (e.g. positives known only by text)")
     range_min: int = Field(0, ge=0, description="first rank kept (0-based)")
     range_max: int | None = Field(None, ge=1, description="ranks >= range_max are dropped (default k)")
     num_negatives: int | None = Field(None, ge=1, description="negatives per query (default: all that pass)")
@@ -83,6 +85,8 @@ class MineRequest(BaseModel):
             raise ValueError(f"exclude_ids has {len(self.exclude_ids)} lists for {len(items)} queries")
         if self.positive_ids is not None and len(self.positive_ids) != len(items):
             raise ValueError(f"positive_ids has {len(self.positive_ids)} lists for {len(items)} queries")
+        if self.exclude_texts is not None and len(self.exclude_texts) != len(items):
+            raise ValueError(f"exclude_texts has {len(self.exclude_texts)} lists for {len(items)} queries")
         return self
 
 
@@ -174,7 +178,8 @@ class MiningService:
     def __init__(self, index_dir: str | Path, model, corpus: str | Path | None = None,
                  watch_dir: str | Path | None = None, refresh_every: float | None = None, device: str | None = None,
                  *, queries: str | Path | dict | None = None, split: str = "train", work_dir: str | Path | None = None,
-                 poll_seconds: float = 10.0, batch_size: int | None = None, bf16: bool | None = None):
+                 poll_seconds: float = 10.0, batch_size: int | None = None, bf16: bool | None = None,
+                 first_version: int = 1):
         from index.faiss_index import DenseIndex
 
         from retriever.modeling import BiEncoder
@@ -198,11 +203,18 @@ class MiningService:
             raise MiningRequestError(f"the corpus has {len(self.corpus):,} documents but the index {index_dir} holds "
                                      f"{dense.count:,}: pass the corpus the index was built from")
         self._factory = str((dense.manifest or {}).get("factory", "Flat"))
-        self._current = _IndexVersion(1, dense, bi, model_path, _step_of(model_path) if model_path else None,
-                                      index_dir, False, time.time())
-        self._versions_seen = {1}
+        if first_version < 1:
+            raise ValueError(f"first_version must be >= 1, got {first_version}")
+        # first_version > 1: a resumed trainer continues its numbering (its logs name versions)
+        self._current = _IndexVersion(first_version, dense, bi, model_path,
+                                      _step_of(model_path) if model_path else None, index_dir, False, time.time())
+        self._versions_seen = {first_version}
+        self._version_steps = {first_version: self._current.checkpoint_step}
+        self._pending: tuple[str | Path | None] | None = None  # a refresh asked for while one ran (catch-up)
         self._lock = threading.Lock()  # guards refresh start/finish bookkeeping, not reads
         self._refresh_thread: threading.Thread | None = None
+        self._building = False  # set and cleared under _lock, so a catch-up request is never lost
+        self._errors: list[BaseException] = []
         self._last_error: str | None = None
         self._last_refresh: float | None = None
         self._stop = threading.Event()
@@ -222,6 +234,10 @@ class MiningService:
     def versions_seen(self) -> set[int]:
         return set(self._versions_seen)
 
+    def checkpoint_step_of(self, version: int) -> int | None:
+        """The checkpoint step (``step-<N>`` in its model path) index ``version`` was built from."""
+        return self._version_steps.get(version)
+
     def status(self) -> dict:
         cur = self._current
         return {
@@ -240,8 +256,7 @@ class MiningService:
 
     @property
     def refreshing(self) -> bool:
-        thread = self._refresh_thread
-        return thread is not None and thread.is_alive()
+        return self._building
 
     def mine(self, queries: Sequence[str] | None = None, query_ids: Sequence[str] | None = None, **options) -> list[MineResult]:
         """Negatives for each query (texts, or ids known from the service's data), best rank first.
@@ -262,6 +277,9 @@ class MiningService:
         else:
             excludes = [set(req.exclude_ids or [])] * n
         wants_margin = req.relative_margin is not None or req.absolute_margin is not None
+        max_k = getattr(state.index, "max_k", None)  # GPU FAISS returns at most 2,048 hits a query
+        if max_k is not None and req.k > max_k:
+            raise MiningRequestError(f"k={req.k} is more than this service's GPU index returns; ask for k <= {max_k}")
         if wants_margin and not any(positives):
             raise MiningRequestError("a margin filter needs positives: give positive_ids, or query_ids with qrels")
         with state.encode_lock:  # HF fast tokenizers are not safe to share across threads
@@ -276,7 +294,10 @@ class MiningService:
             valid = rows[i] >= 0
             cand_ids = [str(ids[r]) for r in rows[i][valid]]
             cand_scores = np.asarray(scores[i][valid], dtype=np.float32)
+            dupes = self._duplicates_of_positives(cand_ids[:range_max], positives[i],
+                                                  (req.exclude_texts or [[]] * n)[i], len(cand_ids))
             filt = filter_candidates(cand_ids, cand_scores, exclude_ids=excludes[i] | set(positives[i]),
+                                     exclude_mask=dupes,
                                      range_min=req.range_min, range_max=range_max, pos_score=pos_scores[i],
                                      relative_margin=req.relative_margin, absolute_margin=req.absolute_margin)
             chosen = filt.kept if req.num_negatives is None else sample_negatives(filt.kept, req.num_negatives, req.sampling, rng)
@@ -289,6 +310,22 @@ class MiningService:
             results.append(MineResult(state.version, negs, qids[i] if qids else None, texts[i], doc_texts,
                                       pos_scores[i], {k: v for k, v in filt.dropped.items() if k in FILTER_NAMES}))
         return results
+
+    def _duplicates_of_positives(self, window_ids: list[str], positive_ids: list[str], texts: list[str],
+                                 n: int) -> np.ndarray | None:
+        """True for candidates (of ``n``; only the rank window is read) whose text equals a positive's or
+        one of ``texts``: exact duplicates under another id (MS MARCO has many) are never negatives."""
+        wanted = list(texts)
+        if self.corpus is not None:
+            wanted += [self.corpus.get(d).full_text for d in positive_ids if d in self.corpus]
+        if not wanted:
+            return None
+        if self.corpus is None:
+            raise MiningRequestError("exclude_texts needs the service to know the corpus (start it with --corpus)")
+        mask = np.zeros(n, dtype=bool)
+        window_texts = self.corpus.texts(self.corpus.row(d) for d in window_ids)
+        mask[:len(window_ids)] = positive_mask(window_ids, window_texts, (), wanted)
+        return mask
 
     def _resolve_queries(self, req: MineRequest) -> tuple[list[str], list[str] | None, list[list[str]]]:
         if req.query_ids is not None:
@@ -328,38 +365,54 @@ class MiningService:
         return out
 
     # ------------------------------------------------------------------ refresh
-    def refresh(self, checkpoint_path: str | Path | None = None, block: bool = False) -> bool:
+    def refresh(self, checkpoint_path: str | Path | None = None, block: bool = False, catch_up: bool = False) -> bool:
         """Re-encode the corpus (with ``checkpoint_path``, default the current model) and swap the index in.
 
-        Returns False when a refresh is already running (nothing new is started). With ``block`` the
-        call waits and re-raises a failed build's error.
+        Returns False when a refresh is already running: nothing new is started, unless ``catch_up``,
+        which remembers ``checkpoint_path`` (replacing an older remembered one) and builds it as soon as
+        the running refresh ends, so a refresh that fell due meanwhile is not lost and the service always
+        ends on the newest checkpoint asked for. With ``block`` the call waits (for the catch-up build
+        too) and re-raises a failed build's error.
         """
         if self.corpus is None:
             raise MiningRequestError("refreshing needs the corpus to re-encode: start the service with corpus=")
         if checkpoint_path is not None and not Path(checkpoint_path).exists():
             raise MiningRequestError(f"checkpoint {checkpoint_path} does not exist", status_code=404)
         with self._lock:
-            if self.refreshing:
-                return False
-            errors: list[BaseException] = []
-            self._refresh_thread = threading.Thread(target=self._refresh_worker, args=(checkpoint_path, errors),
-                                                    name="mining-refresh", daemon=True)
-            self._refresh_thread.start()
-            thread = self._refresh_thread
+            running = self._building
+            if running:
+                if catch_up:
+                    self._pending = (checkpoint_path,)
+            else:
+                self._building = True
+                self._errors = []
+                self._refresh_thread = threading.Thread(target=self._refresh_worker,
+                                                        args=(checkpoint_path, self._errors),
+                                                        name="mining-refresh", daemon=True)
+                self._refresh_thread.start()
+            thread, errors = self._refresh_thread, self._errors
+        if running and not (block and catch_up):
+            return False
         if block:
             thread.join()
             if errors:
-                raise errors[0]
-        return True
+                raise errors[-1]
+        return not running
 
     def _refresh_worker(self, checkpoint_path, errors: list) -> None:
-        try:
-            self._rebuild(checkpoint_path)
-            self._last_error = None
-        except BaseException as exc:  # keep serving the old version; report the failure in status()
-            logger.exception("index refresh failed")
-            self._last_error = f"{type(exc).__name__}: {exc}"
-            errors.append(exc)
+        while True:
+            try:
+                self._rebuild(checkpoint_path)
+                self._last_error = None
+            except BaseException as exc:  # keep serving the old version; report the failure in status()
+                logger.exception("index refresh failed")
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                errors.append(exc)
+            with self._lock:  # a refresh asked for meanwhile: build the newest one now (catch-up)
+                if self._pending is None:
+                    self._building = False
+                    return
+                (checkpoint_path,), self._pending = self._pending, None
 
     def _rebuild(self, checkpoint_path) -> None:
         from index.encode import encode_corpus
@@ -380,12 +433,13 @@ class MiningService:
             model.to(self.device)
         store = encode_corpus(model, self.corpus, folder / "embeddings", batch_size=self.batch_size, bf16=self.bf16,
                               show_progress=False, distributed=False)
-        DenseIndex.build(store, folder / "index", factory=self._factory, metric="ip")
+        DenseIndex.build(store, folder / "index", factory=self._factory, metric="ip", distributed=False)
         dense = DenseIndex.load(folder / "index", expect_dim=model.dim)
         step = _step_of(model_path) if checkpoint_path is not None else old.checkpoint_step
         new = _IndexVersion(version, dense, model, model_path, step, folder, True, time.time())
         with self._lock:
             self._versions_seen.add(version)
+            self._version_steps[version] = step
             self._current = new  # the swap: one reference assignment
             self._last_refresh = time.time()
         logger.info("index version %d (step %s) built in %.1f s", version, step, time.perf_counter() - t0)

@@ -99,6 +99,13 @@ def load_position(checkpoint: Path) -> Position:
     return Position(**json.loads((checkpoint / "position.json").read_text()))
 
 
+def load_strategy_state(checkpoint: Path) -> dict:
+    """The strategy state saved in a checkpoint, for a strategy's ``prepare`` on resume (TAS-B restores
+    its clusters before the first batch). Memory-mapped: the optimizer state beside it is not read."""
+    state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)
+    return state["strategy"]
+
+
 def load_trainer_state(checkpoint: Path, optimizer, scheduler, strategy, rank: int = 0) -> None:
     """Restore optimizer, scheduler and strategy; restore this process's RNG streams last."""
     state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)

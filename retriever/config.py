@@ -178,6 +178,22 @@ class TrainConfig(_Strict):
             raise ValueError("evaluation.held_out_dev needs a data.beir source and data.dev_fraction > 0")
         return self
 
+    @model_validator(mode="after")
+    def _loss_options_take_effect(self) -> "TrainConfig":
+        """Refuse trainer loss options that a strategy with its own loss would silently ignore."""
+        from retriever.negatives import get_strategy
+
+        cls = get_strategy(self.negatives.strategy)
+        if cls.uses_trainer_loss(cls.Options.model_validate(self.negatives.options)):
+            return self
+        ignored = [f"training.loss: {self.training.loss}"] if self.training.loss != "infonce" else []
+        ignored += ["training.grad_cache: true"] if self.training.grad_cache else []
+        if ignored:
+            raise ValueError(f"{' and '.join(ignored)} would have no effect: negatives.strategy "
+                             f"{self.negatives.strategy!r} (with these options) trains with its own loss, not the "
+                             "trainer's contrastive step; remove the option (see docs/strategies.md)")
+        return self
+
     @field_validator("data", mode="before")
     @classmethod
     def _data_is_mapping(cls, value):

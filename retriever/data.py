@@ -1,8 +1,8 @@
 """Readers for retrieval data: BEIR folders, MS MARCO TSVs, Hugging Face datasets and
 hard-negative training JSONL (FlagEmbedding / Tevatron layout).
 
-Everything streams. Corpora are opened through an offset index (one int64 per document),
-so an 8.8M-passage collection costs ~70 MB of offsets plus its ids, never a dict of texts.
+Everything streams. Corpora are opened through a shared on-disk offset index (:mod:`retriever.offset_index`,
+memory-mapped: ~41 bytes a document plus its id bytes, built once per corpus version), never a dict of texts.
 Every malformed record raises :class:`DataError` naming the file, the line and the fix.
 """
 
@@ -129,56 +129,75 @@ def iter_corpus(path: str | os.PathLike) -> Iterator[Document]:
 
 
 class Corpus(Sequence[Document]):
-    """Random access to a corpus file through a byte-offset index.
+    """Random access to a corpus file through a shared, memory-mapped offset index.
 
-    Memory: one int64 offset and one id string per document; texts stay on disk.
-    Duplicate ids are an error naming both lines. Thread-safe: the mining service's refresh thread
-    re-encodes the corpus while the trainer reads negatives' texts from the same object.
+    The index (byte offset, id and id hash per document; :mod:`retriever.offset_index`) is built on the
+    first open of a corpus version and cached on disk, so every later ``Corpus(path)`` - in the trainer,
+    STAR, ANCE, the mining service, another process - maps the same files instead of rescanning: ~41 bytes
+    a document on disk, only touched pages resident, no Python object per document. ``ids`` is a read-only
+    sequence of strings. Duplicate ids are an error naming both lines. Thread-safe: the mining service's
+    refresh thread re-encodes the corpus while the trainer reads negatives' texts from the same object.
     """
 
     def __init__(self, path: str | os.PathLike):
+        from retriever.offset_index import OffsetIndex
+
         self.path = _require_file(Path(path), "corpus file")
         self._fmt = _detect_corpus_format(self.path)
         self._parse = _parse_jsonl_doc if self._fmt == "jsonl" else _parse_tsv_doc
-        offsets: list[int] = []
-        ids: list[str] = []
-        index: dict[str, int] = {}
+        self._index = OffsetIndex.open_or_build(self.path, self._scan, self._duplicate)
+        if not len(self._index):
+            raise DataError(self.path, None, "corpus is empty", "point at a file with at least one document")
+        self._offsets = self._index.offsets
+        self._fh = None
+        self._lock = threading.Lock()  # one file position shared by every reader
+
+    def _scan(self) -> Iterator[tuple[int, int, str]]:
+        """Every document's (line number, byte offset, id), validating each line as it goes."""
         with open(self.path, "rb") as fh:
             pos = 0
             for lineno, raw in enumerate(fh, start=1):
                 if raw.strip():
-                    doc = self._parse(self.path, lineno, raw)
-                    if doc.id in index:
-                        first = self._lineno_of(index[doc.id], offsets)
-                        raise DataError(self.path, lineno, f"duplicate document id {doc.id!r} (first seen on line {first})",
-                                        "ids must be unique: remove or rename one of the two")
-                    index[doc.id] = len(ids)
-                    ids.append(doc.id)
-                    offsets.append(pos)
+                    yield lineno, pos, self._parse(self.path, lineno, raw).id
                 pos += len(raw)
-        if not ids:
-            raise DataError(self.path, None, "corpus is empty", "point at a file with at least one document")
-        self._offsets = np.asarray(offsets, dtype=np.int64)
-        self.ids: list[str] = ids
-        self._index = index
-        self._fh = None
-        self._lock = threading.Lock()  # one file position shared by every reader
+
+    def _duplicate(self, first: int, second: int, doc_id: str, offsets: np.ndarray) -> None:
+        raise DataError(self.path, self._lineno_of(second, offsets), f"duplicate document id {doc_id!r} "
+                        f"(first seen on line {self._lineno_of(first, offsets)})",
+                        "ids must be unique: remove or rename one of the two")
+
+    @property
+    def ids(self):
+        """Row -> document id (a memory-mapped :class:`~retriever.offset_index.CorpusIds`)."""
+        return self._index.ids
 
     def _lineno_of(self, row: int, offsets: Sequence[int]) -> int:
+        """Line number of a row (error messages only): counts newlines in 1 MiB chunks."""
+        remaining, lines = int(offsets[row]), 1
         with open(self.path, "rb") as fh:
-            return fh.read(offsets[row]).count(b"\n") + 1
+            while remaining > 0:
+                chunk = fh.read(min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                lines += chunk.count(b"\n")
+                remaining -= len(chunk)
+        return lines
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self._index)
 
     def __contains__(self, doc_id: object) -> bool:
-        return doc_id in self._index
+        return isinstance(doc_id, str) and self._index.row(doc_id) is not None
 
     def row(self, doc_id: str) -> int:
-        try:
-            return self._index[doc_id]
-        except KeyError:
-            raise KeyError(f"document id {doc_id!r} is not in {self.path}") from None
+        row = self._index.row(doc_id) if isinstance(doc_id, str) else None
+        if row is None:
+            raise KeyError(f"document id {doc_id!r} is not in {self.path}")
+        return row
+
+    def rows(self, doc_ids: Iterable[str]) -> np.ndarray:
+        """int64 rows of many ids (-1 for an unknown id): how id-based training data reaches texts."""
+        return self._index.rows(list(doc_ids))
 
     def _read(self, row: int) -> Document:
         with self._lock:
@@ -212,10 +231,19 @@ class Corpus(Sequence[Document]):
         state = self.__dict__.copy()
         state["_fh"] = None
         del state["_lock"]
+        if self._index.folder is not None:  # ship the folder name, not 8.8M offsets (DataLoader workers)
+            del state["_index"], state["_offsets"]
+            state["_index_folder"] = self._index.folder
         return state
 
     def __setstate__(self, state):
+        folder = state.pop("_index_folder", None)
         self.__dict__.update(state)
+        if folder is not None:
+            from retriever.offset_index import OffsetIndex
+
+            self._index = OffsetIndex.open(folder)
+            self._offsets = self._index.offsets
         self._lock = threading.Lock()
 
     def __del__(self):
@@ -447,14 +475,12 @@ def load_hf_dataset(path: str, split: str = "train", columns: Mapping[str, str] 
 
 
 def training_examples_from_hf(ds) -> Iterator[TrainingExample]:
-    """Rows with ``query``, ``pos`` (str or list) and optional ``neg`` columns."""
+    """Rows with ``query``, ``pos`` (str or list) and optional ``neg`` columns; ``query_id``/``id``,
+    ``pos_ids``, ``neg_ids`` and score columns are kept when present."""
+    from retriever.example_table import _hf_row
+
     for i, row in enumerate(ds):
-        pos = row["pos"] if isinstance(row["pos"], list) else [row["pos"]]
-        neg = row.get("neg") or []
-        neg = neg if isinstance(neg, list) else [neg]
-        if not str(row["query"]).strip() or not pos:
-            raise DataError("<hf dataset>", i + 1, "empty query or no positive", "clean the row")
-        yield TrainingExample(query=str(row["query"]), positives=[str(x) for x in pos], negatives=[str(x) for x in neg])
+        yield _hf_row(row, i)
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> Path:

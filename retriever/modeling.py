@@ -121,20 +121,31 @@ class BiEncoder(nn.Module):
 
         Settings saved with the model are the defaults; keyword arguments override them.
         ``shared=False`` on a single-tower checkpoint starts two towers from the same weights.
+
+        Queries and documents are both truncated at the model's sentence-transformers
+        ``max_seq_length`` (the query tower's for queries, with separate towers), and prefixes are its
+        ``query``/``document`` prompts, so encoding equals ``SentenceTransformer.encode_query`` /
+        ``encode_document`` (what MTEB runs). A plain HF model gets the length ST would give it
+        (the tokenizer's ``model_max_length``, capped by the position embeddings). A shorter query
+        length is a training setting: pass ``query_max_length`` (the trainer does, from its config).
         """
-        source = resolve_model(name_or_path)
+        source = resolve_model(name_or_path, require=True)
         path = Path(source)
         meta = json.loads((path / TOWER_FILE).read_text()) if (path / TOWER_FILE).exists() else {}
         try:
             if meta.get("shared") is False:
                 q_model, tok, found = _load_tower(path / "query")
-                d_model, _, _ = _load_tower(path / "document")
+                d_model, _, doc_found = _load_tower(path / "document")
             else:
                 q_model, tok, found = _load_tower(path if path.exists() else source)
-                d_model = None
+                d_model, doc_found = None, found
         except OSError as exc:
             raise OSError(f"cannot load model {name_or_path!r}: {exc}. {install_hint(str(name_or_path))}") from exc
-        found.update({k: v for k, v in meta.items() if k != "shared"})
+        # The lengths are the ones sentence-transformers reads (max_seq_length), never an older
+        # negatron.json's query_max_length: otherwise ST and negatron would encode queries differently.
+        query_length = found.get("max_seq_length") or meta.get("doc_max_length") or 256
+        doc_length = doc_found.get("max_seq_length") or meta.get("doc_max_length") or 256
+        found.update({k: v for k, v in meta.items() if k not in {"shared", "query_max_length", "doc_max_length"}})
         if d_model is None and not shared:
             import copy
 
@@ -148,8 +159,8 @@ class BiEncoder(nn.Module):
             normalize=pick(normalize, "normalize", True),
             query_prefix=pick(query_prefix, "query_prefix", ""),
             doc_prefix=pick(doc_prefix, "doc_prefix", ""),
-            query_max_length=pick(query_max_length, "query_max_length", 64),
-            doc_max_length=pick(doc_max_length, "doc_max_length", found.get("max_seq_length", 256)),
+            query_max_length=query_max_length if query_max_length is not None else query_length,
+            doc_max_length=doc_max_length if doc_max_length is not None else doc_length,
             name=str(name_or_path),
         )
 
@@ -198,9 +209,10 @@ class BiEncoder(nn.Module):
         removes padding) and runs the tower under ``inference_mode``. ``batch_size=None`` picks
         :func:`default_batch_size` for the device. ``bf16=None`` enables bf16 autocast where the
         hardware computes bf16 natively (see :func:`bf16_supported`); ``bf16=False`` gives fp32
-        reference embeddings. ``progress`` is an open tqdm bar to advance (else ``show_progress``
-        opens one). ``backend`` (``auto``, ``torch``, ``openvino``; default ``$NEGATRON_ENCODE_BACKEND``
-        or ``auto``): ``auto`` runs bf16 CPU inference through OpenVINO when it is installed (see
+        reference embeddings. ``progress`` is an open bar to advance, ``progress.update(n)`` per batch
+        (else ``show_progress`` opens a :class:`retriever.progress.ProgressDisplay` stage).
+        ``backend`` (``auto``, ``torch``, ``openvino``; default ``$NEGATRON_ENCODE_BACKEND`` or
+        ``auto``): ``auto`` runs bf16 CPU inference through OpenVINO when it is installed (see
         :mod:`index.openvino_backend`), everything else through torch.
         """
         out = np.empty((len(texts), self.dim), dtype=np.float32)
@@ -220,11 +232,12 @@ class BiEncoder(nn.Module):
             run = openvino_tower(tower, self._pad(enc, [order[0], order[-1]]), bf16) or tower
         was_training = tower.training
         tower.eval()
-        own_bar = progress is None and show_progress
-        if own_bar:
-            from tqdm.auto import tqdm
+        own_bar = None
+        if progress is None and show_progress:
+            from retriever.progress import ProgressDisplay
 
-            progress = tqdm(total=len(texts), desc=f"encode {kind}s", unit="text")
+            own_bar = ProgressDisplay().stage(f"encode {kind}s", len(texts), "texts")
+            progress = own_bar.__enter__()
         try:
             with autocast(device, bf16):
                 for start in range(0, len(texts), batch_size):
@@ -240,8 +253,8 @@ class BiEncoder(nn.Module):
                         progress.update(len(idx))
         finally:
             tower.train(was_training)
-            if own_bar:
-                progress.close()
+            if own_bar is not None:
+                own_bar.__exit__(None, None, None)
         return out
 
     def _tokenize_compact(self, texts: list[str], max_length: int, chunk: int = 256) -> dict[str, list[np.ndarray]]:
@@ -281,7 +294,12 @@ class BiEncoder(nn.Module):
     # ------------------------------------------------------------------ saving
     def save(self, path: str | Path) -> Path:
         """Write a sentence-transformers folder (two of them, ``query/`` and ``document/``, for
-        separate towers) atomically, plus ``negatron.json`` with the settings ST has no slot for."""
+        separate towers) atomically, plus ``negatron.json`` with the settings ST has no slot for.
+
+        ST keeps one ``max_seq_length`` per tower, and it is ``doc_max_length`` here: a query length
+        used in training (often 64) is recorded as ``train_query_max_length`` but not applied when
+        the folder is loaded again, so ``SentenceTransformer(path)`` and negatron encode every query
+        alike, however long."""
         path = Path(path)
         meta = {
             "shared": self.shared,
@@ -289,8 +307,8 @@ class BiEncoder(nn.Module):
             "normalize": self.normalize,
             "query_prefix": self.query_prefix,
             "doc_prefix": self.doc_prefix,
-            "query_max_length": self.query_max_length,
             "doc_max_length": self.doc_max_length,
+            "train_query_max_length": self.query_max_length,
         }
         with atomic_dir(path) as tmp:
             if self.shared:
@@ -322,8 +340,15 @@ class BiEncoder(nn.Module):
         shutil.rmtree(hf_dir)
 
 
+_ST_MODULES = {"Transformer", "Pooling", "Normalize"}  # what BiEncoder reproduces of a sentence-transformers pipeline
+
+
 def _load_tower(source: str | Path):
-    """(model, tokenizer, settings) from a sentence-transformers folder or a plain HF model."""
+    """(model, tokenizer, settings) from a sentence-transformers folder or a plain HF model.
+
+    ``settings["max_seq_length"]`` is the length sentence-transformers truncates at: the folder's
+    saved one, or for a plain HF model what ST would wrap it with (the tokenizer's
+    ``model_max_length`` capped by ``max_position_embeddings``)."""
     from transformers import AutoModel, AutoTokenizer
 
     path = Path(source)
@@ -338,10 +363,16 @@ def _load_tower(source: str | Path):
                 settings["pooling"] = _FROM_ST_POOLING.get(str(module.pooling_mode), "mean")
             elif kind == "Normalize":
                 settings["normalize"] = True
+            elif kind not in _ST_MODULES:
+                logger.warning("%s: sentence-transformers module %s is not reproduced by negatron; its "
+                               "embeddings will differ from SentenceTransformer.encode", path, kind)
+        # encode_query / encode_document: the "query" prompt; the first of document, passage, corpus
         prompts = st.prompts or {}
-        settings["query_prefix"] = prompts.get("query", "")
-        settings["doc_prefix"] = prompts.get("document", prompts.get("passage", ""))
+        settings["query_prefix"] = prompts.get("query") or ""
+        settings["doc_prefix"] = next((prompts[k] for k in ("document", "passage", "corpus") if k in prompts), "") or ""
         return st[0].auto_model, st.tokenizer, settings
     model = AutoModel.from_pretrained(str(source))
     tokenizer = AutoTokenizer.from_pretrained(str(source))
-    return model, tokenizer, {}
+    limits = [n for n in (getattr(tokenizer, "model_max_length", None),
+                          getattr(model.config, "max_position_embeddings", None)) if n and 0 < n < 1_000_000]
+    return model, tokenizer, {"max_seq_length": min(limits)} if limits else {}

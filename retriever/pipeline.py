@@ -12,15 +12,24 @@ the previous stage's final model (STAR then ADORE, warm-up then ANCE, ...).
 
 Stage ``i`` trains into ``<output>/<name>``; from the second stage on its ``model.name`` is replaced
 by ``<output>/<previous name>/final``. A stage whose ``final`` folder exists is skipped, so re-running
-a pipeline resumes at the first unfinished stage.
+a pipeline resumes at the first unfinished stage — but only when the stage would be trained the same way:
+before a stage starts, ``<output>/<name>/stage.json`` records the SHA-256 of its resolved config and of its
+input model's files. A stage folder (finished or interrupted) whose record differs from the current
+config or input model is refused with a message naming what changed; it is never silently reused, and
+never deleted for you (delete the folder, and those of the stages after it, to retrain, or choose another
+``--output``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+
+from retriever.io import write_text_atomic
 
 from retriever.config import PATH_KEYS, ConfigError, TrainConfig, _resolve_paths, apply_overrides, load_config
 
@@ -69,9 +78,62 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> list[tuple
     return out
 
 
+STAGE_RECORD = "stage.json"
+
+
+def model_fingerprint(name: str) -> str:
+    """SHA-256 over a local model folder's files (relative path and content); a hub name stands for itself."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return f"name:{name}"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(folder)).encode() + b"\0")
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def stage_record(cfg: TrainConfig) -> dict[str, str]:
+    return {"config_sha256": hashlib.sha256(cfg.to_yaml().encode()).hexdigest(),
+            "input_model_sha256": model_fingerprint(cfg.model.name)}
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def _check_stage(name: str, stage_dir: Path, cfg: TrainConfig, record: dict[str, str]) -> None:
+    """Refuse to reuse (skip or resume) a stage folder trained from another config or input model."""
+    if not stage_dir.exists() or not any(stage_dir.iterdir()):
+        return
+    fix = f"delete {stage_dir} (and the folders of the stages after it) to retrain, or choose another --output"
+    path = stage_dir / STAGE_RECORD
+    if not path.exists():
+        raise ConfigError(f"stage {name!r}: {stage_dir} holds a run without a {STAGE_RECORD} record, so it "
+                          f"cannot be shown to match this config; {fix}")
+    old = json.loads(path.read_text())
+    if old.get("config_sha256") != record["config_sha256"]:
+        changed = ""
+        saved = stage_dir / "config.yaml"
+        if saved.exists():
+            a, b = _flat(yaml.safe_load(saved.read_text())), _flat(cfg.model_dump(mode="json"))
+            keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            changed = f" (changed: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" if keys else ""
+        raise ConfigError(f"stage {name!r}: {stage_dir} was trained with a different config{changed}; it is "
+                          f"not reused; {fix}")
+    if old.get("input_model_sha256") != record["input_model_sha256"]:
+        raise ConfigError(f"stage {name!r}: {stage_dir} was trained from a different input model than "
+                          f"{cfg.model.name} is now (an earlier stage was retrained?); it is not reused; {fix}")
+
+
 def run_pipeline(path: str | Path, output_dir: str | Path, overrides: Sequence[str] = (), resume: bool = False) -> Path:
-    """Train every stage in order; returns the last stage's final model folder."""
-    from retriever.trainer import train
+    """Train every stage in order; returns the last stage's final model folder. A stage already trained
+    with the same config and input model is reused; one trained otherwise is refused (ConfigError)."""
+    from retriever import trainer
 
     output_dir = Path(output_dir)
     previous: Path | None = None
@@ -79,9 +141,14 @@ def run_pipeline(path: str | Path, output_dir: str | Path, overrides: Sequence[s
         stage_dir = output_dir / name
         if chained and previous is not None:
             cfg.model.name = str(previous)
+        record = stage_record(cfg)
+        _check_stage(name, stage_dir, cfg, record)
         final = stage_dir / "final"
         if not final.exists():
-            final = train(cfg, stage_dir, resume=resume or stage_dir.exists())
+            interrupted = stage_dir.exists() and any(stage_dir.iterdir())
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(stage_dir / STAGE_RECORD, json.dumps(record, indent=2) + "\n")
+            final = trainer.train(cfg, stage_dir, resume=resume or interrupted)
         previous = final
     assert previous is not None
     return previous

@@ -9,12 +9,10 @@ Everything lands in the output folder; ``quickstart.json`` there sums the run up
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from rich.console import Console
 from rich.table import Table
@@ -95,49 +93,16 @@ def _load_model(path: str, opts: QuickstartOptions):
     return BiEncoder.from_pretrained(path, query_max_length=opts.query_max_length, doc_max_length=opts.doc_max_length)
 
 
-@contextlib.contextmanager
-def _encoding_progress(model, total: int, console: Console, description: str) -> Iterator[None]:
-    """A progress bar over texts encoded, fed by forward hooks on the model's towers (the evaluator
-    has no progress callback, and a quiet multi-minute encode looks like a hang)."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    towers = {id(model.tower(kind)): model.tower(kind) for kind in ("query", "document")}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console) as progress:
-        task = progress.add_task(description, total=total)
-
-        def count_batch(module, args, kwargs, output):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if ids is not None:
-                progress.advance(task, int(ids.shape[0]))
-
-        handles = [tower.register_forward_hook(count_batch, with_kwargs=True) for tower in towers.values()]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-def _count_texts(folder: Path, split: str) -> int:
-    """Documents plus judged queries: what one evaluation encodes."""
-    from retriever.data import read_qrels
-
-    with open(folder / "corpus.jsonl", "rb") as fh:
-        docs = sum(1 for line in fh if line.strip())
-    return docs + len(read_qrels(folder / "qrels" / f"{split}.tsv"))
-
-
 def _evaluate(model_path: str, folder: Path, output: Path, opts: QuickstartOptions, console: Console, what: str) -> dict:
     from eval.beir import evaluate_beir
 
+    from retriever.progress import ProgressDisplay
+
     model = _load_model(model_path, opts)
     start = time.perf_counter()
-    total = _count_texts(folder, opts.eval_split)
-    with _encoding_progress(model, total, console, f"encode ({what})"):
-        result = evaluate_beir(model, folder, split=opts.eval_split, output_dir=output, k=1000,
-                               batch_size=opts.eval_batch_size, bf16=None)
+    # advanced by the encoder itself per batch, so it ends at its true total whatever backend runs the model
+    result = evaluate_beir(model, folder, split=opts.eval_split, output_dir=output, k=1000,
+                           batch_size=opts.eval_batch_size, bf16=None, progress=ProgressDisplay(console))
     m = result["metrics"]
     console.print(f"{what}: nDCG@10 {m['ndcg@10']:.4f}  MRR@10 {m['mrr@10']:.4f}  Recall@100 {m['recall@100']:.4f}  "
                   f"({result['num_queries']} queries, {result['num_docs']:,} documents, "

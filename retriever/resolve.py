@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -68,8 +69,17 @@ PACKAGED_MODELS: dict[str, tuple[str, Callable[[], Path]]] = {
 ALIASES = {name.split("/", 1)[1]: name for name in PACKAGED_MODELS}
 
 
-def resolve_model(name: str | Path) -> str:
-    """Return a local path for ``name`` when one exists, else ``name`` itself (hub id)."""
+class ModelNotAvailable(FileNotFoundError):
+    """A model name that is neither a local folder, an installed package nor reachable on the hub."""
+
+
+def resolve_model(name: str | Path, *, require: bool = False) -> str:
+    """Return a local path for ``name`` when one exists, else ``name`` itself (hub id).
+
+    With ``require`` (model loaders), a hub id is returned only when it can load: it is in the
+    local Hugging Face cache, or the hub answers (checked once per process, see
+    :func:`hub_unreachable_reason`). Otherwise :class:`ModelNotAvailable` is raised at once with the
+    install hint, instead of after transformers' retries (five of them, 8 s apart, per file)."""
     path = Path(name).expanduser()
     if path.exists():
         return str(path)
@@ -79,7 +89,52 @@ def resolve_model(name: str | Path) -> str:
             return str(PACKAGED_MODELS[canonical][1]())
         except ModuleNotFoundError:
             pass  # not installed: fall through to the hub
+    if not require or _cached_on_disk(canonical):
+        return canonical
+    why = hub_unreachable_reason()
+    if why is not None:
+        raise ModelNotAvailable(f"model {str(name)!r} is not a local folder, not an installed package and not in the "
+                                f"Hugging Face cache, and {why}: {install_hint(str(name))}")
     return canonical
+
+
+def _cached_on_disk(repo_id: str) -> bool:
+    """Whether the hub id has a snapshot in the local Hugging Face cache (loadable offline)."""
+    if repo_id.count("/") > 1 or not repo_id.strip("/"):
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001  (an unusual id or cache layout: treat as not cached)
+        return False
+
+
+_HUB_CHECK: list[str | None] = []  # memo: one reachability check per process
+
+
+def _offline_env() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in {"1", "on", "yes", "true"}
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """``None`` when the Hugging Face hub can be reached, else why not (offline mode, or no TCP
+    connection to the endpoint within ``timeout`` seconds). Checked once per process."""
+    if _offline_env():
+        return "HF_HUB_OFFLINE is set"
+    if not _HUB_CHECK:
+        import socket
+        from urllib.parse import urlparse
+
+        endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _HUB_CHECK.append(None)
+        except OSError as exc:
+            _HUB_CHECK.append(f"the hub ({host}:{port}) is unreachable ({type(exc).__name__}: {exc})")
+    return _HUB_CHECK[0]
 
 
 def install_hint(name: str) -> str:

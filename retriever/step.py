@@ -53,7 +53,13 @@ def _exclusions(batch: Batch, strategy: NegativeStrategy, q: torch.Tensor, d: to
 
 def _loss(batch, loss_fn, strategy, q, d_local, dist_ctx) -> torch.Tensor:
     d = gather_with_grad(d_local, dist_ctx)
-    return loss_fn(q, d, batch.targets.to(q.device), _exclusions(batch, strategy, q, d))
+    targets, exclude = batch.targets.to(q.device), _exclusions(batch, strategy, q, d)
+    extra = strategy.extra_candidates(batch, q, d, dist_ctx)
+    if extra is None:
+        return loss_fn(q, d, targets, exclude)
+    sims, extra_exclude = extra
+    return loss_fn.from_similarities(torch.cat([q @ d.T, sims], dim=1), targets,
+                                     torch.cat([exclude, extra_exclude.to(q.device)], dim=1))
 
 
 def plain_step(model: BiEncoder, batch: Batch, loss_fn: ContrastiveLoss, strategy: NegativeStrategy, *,

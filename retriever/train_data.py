@@ -9,52 +9,63 @@ communication and a resumed run rebuilds the exact same batches.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from retriever.config import DataConfig
-from retriever.data import (Corpus, TrainingExample, iter_training_jsonl, iter_triples, load_beir, load_hf_dataset,
-                            read_qrels, read_queries, training_examples_from_hf, training_examples_from_qrels,
-                            write_jsonl_atomic)
+from retriever.data import Corpus, TrainingExample, load_beir, load_hf_dataset, read_qrels, read_queries, write_jsonl_atomic
+from retriever.example_table import ExampleView, HFExamples, TriplesFile, table_from_jsonl, table_from_qrels
+from retriever.hard_negative_files import is_st_hard_negatives, table_from_st_hard_negatives
 from retriever.negatives import NegativeStrategy
 
 
-def _iter_source(cfg: DataConfig) -> Iterator[TrainingExample] | list[TrainingExample]:
-    source = cfg.source
+def load_examples(cfg: DataConfig) -> Sequence[TrainingExample]:
+    """The examples of the configured source (the first ``max_examples`` when set), as a read-only sequence.
+
+    Nothing holds passage texts: qrels/BEIR/JSONL become an :class:`~retriever.example_table.ExampleTable`
+    of corpus rows (texts are read from the corpus offset index when ``[i]`` is collated), triples a
+    memory-mapped line index over the TSV, a Hugging Face dataset stays in Arrow. ``[i]`` returns a
+    :class:`TrainingExample` as before, so the trainer and strategies index it like the list it replaces.
+    """
+    source, limit = cfg.source, cfg.max_examples
     if source == "beir":
         ds = load_beir(cfg.beir, cfg.split)
-        return training_examples_from_qrels(ds.queries, ds.qrels, ds.corpus)
-    if source == "triples":
-        return iter_triples(cfg.triples)
-    if source == "qrels":
-        return training_examples_from_qrels(read_queries(cfg.queries), read_qrels(cfg.qrels), Corpus(cfg.collection))
-    if source == "jsonl":
-        return iter_training_jsonl(cfg.jsonl, Corpus(cfg.corpus) if cfg.corpus else None)
-    return training_examples_from_hf(load_hf_dataset(cfg.hf, cfg.hf_split, cfg.columns))
-
-
-def load_examples(cfg: DataConfig) -> list[TrainingExample]:
-    """All examples of the configured source (the first ``max_examples`` when set)."""
-    examples = list(itertools.islice(_iter_source(cfg), cfg.max_examples))
-    if not examples:
+        examples = table_from_qrels(ds.queries, ds.qrels, ds.corpus, limit=limit)
+    elif source == "qrels":
+        examples = table_from_qrels(read_queries(cfg.queries), read_qrels(cfg.qrels), Corpus(cfg.collection), limit=limit)
+    elif source == "jsonl" and is_st_hard_negatives(cfg.jsonl):  # sentence-transformers' msmarco-hard-negatives
+        if not (cfg.corpus and cfg.queries):
+            raise ValueError(f"{cfg.jsonl} holds passage and query ids (sentence-transformers layout): also set "
+                             "data.corpus (collection.tsv) and data.queries (queries.train.tsv)")
+        examples = table_from_st_hard_negatives(cfg.jsonl, read_queries(cfg.queries), Corpus(cfg.corpus), max_examples=limit)
+    elif source == "jsonl":
+        examples = table_from_jsonl(cfg.jsonl, Corpus(cfg.corpus) if cfg.corpus else None, limit=limit)
+    elif source == "triples":
+        examples = TriplesFile(cfg.triples)
+    else:
+        examples = HFExamples(load_hf_dataset(cfg.hf, cfg.hf_split, cfg.columns))
+    if limit is not None and len(examples) > limit:
+        examples = ExampleView(examples, np.arange(limit))
+    if not len(examples):
         raise ValueError(f"the {cfg.source} data source yielded no training examples")
     return examples
 
 
 def split_dev(examples: Sequence[TrainingExample], fraction: float, seed: int
-              ) -> tuple[list[TrainingExample], list[TrainingExample]]:
-    """Hold out ``fraction`` of the examples (a seeded random subset) for tuning, so nobody tunes on test."""
+              ) -> tuple[Sequence[TrainingExample], Sequence[TrainingExample]]:
+    """Hold out ``fraction`` of the examples (a seeded random subset) for tuning, so nobody tunes on test.
+
+    Returns two row views (file order kept), not copies: the split costs 8 bytes an example.
+    """
     n_dev = int(round(len(examples) * fraction))
     order = np.random.default_rng(seed).permutation(len(examples))
-    dev_rows = set(order[:n_dev].tolist())
-    train = [e for i, e in enumerate(examples) if i not in dev_rows]
-    dev = [e for i, e in enumerate(examples) if i in dev_rows]
-    return train, dev
+    is_dev = np.zeros(len(examples), dtype=bool)
+    is_dev[order[:n_dev]] = True
+    return ExampleView(examples, np.flatnonzero(~is_dev)), ExampleView(examples, np.flatnonzero(is_dev))
 
 
 def write_examples(path: str | Path, examples: Sequence[TrainingExample]) -> Path:
@@ -101,8 +112,9 @@ class BatchCollator:
             for i in rows:
                 rng = np.random.default_rng([self.seed, epoch, int(indices[i])])
                 ex = examples[i]
-                positives.append(ex.positives[int(rng.integers(len(ex.positives)))])
-                negatives.extend(self.strategy.negatives_for(ex, rng))
+                pick = int(rng.integers(len(ex.positives)))
+                positives.append(ex.positives[pick])
+                negatives.extend(self.strategy.negatives_given_positive(ex, pick, rng))
             shards.append((rows, positives + negatives))
         global_docs = [d for _, docs in shards for d in docs]
         offset = sum(len(docs) for _, docs in shards[:self.rank])

@@ -53,8 +53,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 class Trainer:
     def __init__(self, config: TrainConfig, output_dir: str | Path, resume: bool = False):
-        from transformers import get_linear_schedule_with_warmup
-
         self.config, self.output_dir = config, Path(output_dir)
         t = config.training
         self.dist = init_distributed()
@@ -83,10 +81,20 @@ class Trainer:
         self.strategy = get_strategy(config.negatives.strategy)(config.negatives.options)
         self.loss_fn = CONTRASTIVE_LOSSES[t.loss](t.temperature)
         self.collator = BatchCollator(self.strategy, t.seed, self.dist.rank, self.dist.world_size)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, t.weight_decay), lr=t.learning_rate)
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, int(round(t.warmup_ratio * self.total_steps)), self.total_steps)
+        self._build_optimizer()
         self.scorer = self._make_scorer()
+
+    def _build_optimizer(self) -> None:
+        """AdamW and its schedule over the parameters that train now. Called again after the strategy's
+        ``prepare``, which may freeze or split towers (ADORE), so the optimizer (and a resumed optimizer
+        state) covers exactly the parameters that train."""
+        from transformers import get_linear_schedule_with_warmup
+
+        t = self.config.training
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, t.weight_decay), lr=t.learning_rate)
+        schedule_steps = self.strategy.model_update_steps(self.total_steps)  # AR2: its retriever steps only
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, int(round(t.warmup_ratio * schedule_steps)), schedule_steps)
 
     def _make_scorer(self):
         """The checkpoint scorer of the ``evaluation`` section (main process only), or None."""
@@ -150,12 +158,13 @@ class Trainer:
         processes, clip, update. Returns the loss averaged over micro-batches and processes."""
         t = self.config.training
         losses = [self._micro_step(batch, 1.0 / t.gradient_accumulation_steps) for batch in self._batches(step)]
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        average_gradients(params, self.dist)
-        if t.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        if self.strategy.updates_model(step):  # False on AR2's ranker steps: no update, no LR-schedule step
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            average_gradients(params, self.dist)
+            if t.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.strategy.on_step_end(step + 1)
         return mean_across(float(np.mean(losses)), self.dist)
@@ -174,6 +183,7 @@ class Trainer:
             if self.config.evaluation is not None and self.config.evaluation.held_out_dev:
                 self._write_held_out_dev()
         self.strategy.prepare(self)
+        self._build_optimizer()  # before any step: prepare may have changed which parameters train
         if self.resume_from is None:
             if self.dist.is_main:
                 write_text_atomic(self.output_dir / LOG_FILE, "")
@@ -228,6 +238,7 @@ class Trainer:
         final = self.output_dir / "final"
         if self.dist.is_main:
             self.model.save(final)
+            self.strategy.on_model_saved(final, "final")
         barrier(self.dist)
         return final
 
@@ -236,6 +247,8 @@ class Trainer:
         stop = False
         if self.scorer is not None and self.scorer.due(step):
             line = self.scorer.score(self.model, step, self.output_dir)
+            if line["improved"] and self.scorer.keep_best:
+                self.strategy.on_model_saved(self.output_dir / "best", "best")
             print(f"step {step}: dev {line['metric']} {line['score']:.4f} (best {line['best_score']:.4f} "
                   f"at step {line['best_step']})", flush=True)
             stop = self.scorer.should_stop

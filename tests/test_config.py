@@ -115,3 +115,20 @@ def test_cli_reports_bad_config_without_traceback(tmp_path, triples):
     result = CliRunner().invoke(app, ["train", "--config", str(cfg), "--output", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "model.pooling" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("strategy, options", [("adore", {}), ("ar2", {}), ("tasb", {"loss": "margin_mse", "hard_per_query": 1}),
+                                               ("tasb", {"loss": "distill_kl", "hard_per_query": 1})])
+@pytest.mark.parametrize("training", [{"loss": "decoupled"}, {"grad_cache": True}])
+def test_loss_options_refused_where_a_strategy_has_its_own_loss(strategy, options, training):
+    """training.loss / grad_cache would silently do nothing under ADORE, AR2 and TAS-B distillation."""
+    raw = {"data": {"triples": "t.tsv"}, "negatives": {"strategy": strategy, "options": options}, "training": training}
+    with pytest.raises(ValueError, match=rf"training\.(loss|grad_cache).*no effect.*{strategy}"):
+        TrainConfig.model_validate(raw)
+
+
+@pytest.mark.parametrize("strategy, options", [("inbatch", {}), ("hard", {}), ("tasb", {}), ("star", {})])
+def test_loss_options_accepted_where_the_trainer_step_runs(strategy, options):
+    raw = {"data": {"triples": "t.tsv"}, "negatives": {"strategy": strategy, "options": options},
+           "training": {"loss": "decoupled", "grad_cache": True}}
+    assert TrainConfig.model_validate(raw).training.loss == "decoupled"

@@ -86,3 +86,47 @@ def test_stats_histogram_and_short_queries():
     assert data["short_queries"] == ["q2"] and data["negatives"] == 4
     assert data["rank_histogram"]["10-19"] == 3 and data["rank_histogram"]["20-29"] == 1
     assert data["dropped"]["margin"] == 4
+
+
+def _duplicate_corpus(tmp_path):
+    """d0..d5, where d4 is an exact copy of d1's text under another id (as MS MARCO has)."""
+    import json
+
+    from retriever.data import Corpus
+
+    texts = ["alpha beta", "the positive passage", "gamma", "delta", "the positive passage", "epsilon"]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(texts)))
+    return Corpus(path)
+
+
+def test_miner_excludes_a_duplicate_of_the_positive_for_every_query(tmp_path):
+    # one positive id and one positive text: the old miner skipped the text test in exactly this case
+    from mining.miner import MiningConfig, TrainingQuery, _filter
+
+    corpus = _duplicate_corpus(tmp_path)
+    q = TrainingQuery("q1", "query", ["d1"], [corpus.get("d1").full_text])
+    ids = ["d4", "d1", "d0", "d2", "d3", "d5"]
+    config = MiningConfig(k=6, range_min=0, range_max=6, num_negatives=3).validate()
+    kept = [ids[p] for p in _filter(q, ids, np.linspace(1, 0, 6, dtype=np.float32), [], corpus, config, None).kept]
+    assert "d4" not in kept and "d1" not in kept and kept == ["d0", "d2", "d3", "d5"]
+
+
+def test_exclude_texts_without_texts_is_refused():
+    with pytest.raises(ValueError, match="texts"):
+        filter_candidates(IDS, SCORES, exclude_texts={"text 3"})
+
+
+def test_keep_negatives_shared_filter_positives_by_text_and_margin():
+    from mining.filters import MarginFilter, keep_negatives
+
+    texts = [f"text {i}" for i in range(10)]
+    texts[5] = "text 0"  # d5 duplicates the positive d0's text
+    result = keep_negatives(IDS, SCORES, texts=texts, positive_ids=["d0"], positive_texts=["text 0 "],
+                            pos_score=0.80, margins=MarginFilter(relative_margin=0.05), range_max=9)
+    # d0 (id) and d5 (text) excluded; d1-d3 above 0.76; d9 outside the window
+    assert [IDS[p] for p in result.kept] == ["d4", "d6", "d7", "d8"]
+    assert result.dropped == {"excluded": 2, "rank_window": 1, "margin": 3, "scorer": 0}
+    with pytest.raises(ValueError):
+        MarginFilter(relative_margin=1.5)
+    assert not MarginFilter().has_margin and MarginFilter(absolute_margin=0.1).threshold(0.5) == pytest.approx(0.4)

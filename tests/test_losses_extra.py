@@ -131,3 +131,21 @@ def test_distill_kl_zero_iff_same_distribution():
     assert DistillKLDivLoss()(s, torch.tensor([[-1.0, 0.0, 1.0]])) > 0.1
     with pytest.raises(ValueError):
         GISTLoss(margin_strategy="bogus")
+
+
+def test_decoupled_loss_is_finite_when_every_negative_of_a_row_is_masked():
+    """A row with no negative left (GISTEmbed can mask them all) contributes 0; the others keep their loss."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 8, requires_grad=True)
+    d = torch.randn(3, 8)
+    targets = torch.arange(3)
+    exclude = torch.zeros(3, 3, dtype=torch.bool)
+    exclude[0, 1:] = True  # row 0: only its positive remains
+    loss_fn = DecoupledContrastiveLoss(temperature=1.0)
+    loss = loss_fn(q, d, targets, exclude)
+    assert torch.isfinite(loss)
+    scores = q @ d.T
+    per_row = [torch.logsumexp(scores[i][[j for j in range(3) if j != i]], 0) - scores[i, i] for i in (1, 2)]
+    assert torch.allclose(loss, (0 + per_row[0] + per_row[1]) / 3)
+    loss.backward()
+    assert torch.isfinite(q.grad).all() and torch.all(q.grad[0] == 0)

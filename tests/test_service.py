@@ -164,3 +164,33 @@ def test_http_server_and_client_under_load_during_refresh(env, tmp_path):
     svc.close()
     assert not failures and len(versions) == 200
     assert set(versions) <= svc.versions_seen
+
+
+def test_duplicates_of_a_positive_under_another_id_are_never_negatives(env, tmp_path):
+    """An exact copy of a positive's text under another id is excluded like the positive (by text),
+    for every query; exclude_texts drops texts given per query."""
+    import json
+    import shutil
+
+    from index.encode import encode_corpus
+    from index.faiss_index import DenseIndex
+    from retriever.data import Corpus
+    from retriever.modeling import BiEncoder
+
+    rows = [json.loads(line) for line in (env["data"] / "corpus.jsonl").read_text().splitlines()]
+    copy = dict(next(r for r in rows if r["_id"] == "doc0"), _id="copy-of-doc0")
+    other = dict(next(r for r in rows if r["_id"] == "doc7"), _id="copy-of-doc7")
+    data = tmp_path / "beir"
+    shutil.copytree(env["data"], data)
+    (data / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [copy, other]))
+    store = encode_corpus(BiEncoder.from_pretrained(env["model"]), Corpus(data / "corpus.jsonl"), tmp_path / "emb",
+                          show_progress=False)
+    DenseIndex.build(store, tmp_path / "index", factory="Flat", metric="ip")
+    with MiningService(tmp_path / "index", env["model"], corpus=data, work_dir=tmp_path / "versions") as svc:
+        text7 = svc.corpus.get("doc7").full_text
+        [res] = svc.mine(["anything at all"], k=82, positive_ids=[["doc0"]], exclude_texts=[[text7]])
+        got = {n.doc_id for n in res.negatives}
+        assert not got & {"doc0", "copy-of-doc0", "doc7", "copy-of-doc7"}
+        assert res.dropped["excluded"] == 4 and len(got) == 82 - 4
+        with pytest.raises(ValueError, match="exclude_texts"):
+            svc.mine(["a"], exclude_texts=[["x"], ["y"]])

@@ -35,30 +35,125 @@ def test_adore_leaves_document_encoder_bitwise_unchanged(mini, tmp_path):
     assert all(torch.equal(saved.doc_model.state_dict()[k], v) for k, v in original.items())
 
 
-def test_adore_negatives_are_live_top_k_of_current_query_encoder(mini, tmp_path):
+def test_adore_negatives_of_each_step_are_the_exact_top_k_of_that_steps_query_encoder(mini, tmp_path):
+    """``last_negative_ids`` of every step equal a brute-force top-k (positives removed) with the query
+    encoder's weights (and dropout masks) of that step, and they change as the encoder trains."""
+    import copy
+
     folder, model = mini
-    trainer = _trainer(folder, model, tmp_path / "run", max_steps=6)
+    trainer = _trainer(folder, model, tmp_path / "run", max_steps=4)
     strategy = trainer.strategy
-    strategy.prepare(trainer)
-    strategy.prepare = lambda _trainer: None
-    queries = [ex.query for ex in trainer.train_examples[:8]]
+    micro_step = strategy.micro_step
+    steps = []
 
-    def live(expect_exact: bool):
-        q = trainer.model.encode(queries, kind="query", bf16=False)
-        rows = strategy.retrieve(q, queries)
-        brute = q @ strategy.doc_emb.numpy().T
-        for i, query in enumerate(queries):
-            pos = strategy.positive_ids[query]
-            order = [r for r in np.argsort(-brute[i], kind="stable") if strategy.doc_ids[r] not in pos][:20]
-            assert not {strategy.doc_ids[r] for r in rows[i]} & pos
-            if expect_exact:
-                assert set(rows[i].tolist()) == set(order)
-        return rows
+    def recording(tr, batch, scale):
+        weights = copy.deepcopy(tr.model.query_model.state_dict())
+        rng = torch.get_rng_state()
+        loss = micro_step(tr, batch, scale)
+        steps.append((list(batch.queries), weights, rng, [list(n) for n in strategy.last_negative_ids]))
+        return loss
 
-    before = live(True)
+    strategy.micro_step = recording
     trainer.run()
-    after = live(True)
-    assert (before != after).any(), "the retrieved negatives must follow the query encoder"
+    assert len(steps) == 4
+    doc_emb = strategy.doc_emb.numpy()
+    replica = copy.deepcopy(trainer.model)
+    replica.train()
+
+    def exact(queries, weights, rng):
+        replica.query_model.load_state_dict(weights)
+        torch.set_rng_state(rng)  # same dropout masks as the step itself
+        with torch.no_grad():
+            q = replica.embed(replica.tokenize(queries, "query"), "query").float().numpy()
+        out = []
+        for i, query in enumerate(queries):
+            top = np.argsort(-(doc_emb @ q[i]), kind="stable")[:20]
+            out.append({strategy.doc_ids[r] for r in top if r not in strategy.positive_rows[query]})
+        return out
+
+    for queries, weights, rng, recorded in steps:
+        assert [set(r) for r in recorded] == exact(queries, weights, rng)
+        for query, negs in zip(queries, recorded):
+            positives = {strategy.doc_ids[r] for r in strategy.positive_rows[query]}
+            assert not positives & set(negs)
+    # the same queries under the final weights retrieve other negatives: they follow the encoder
+    queries, _, rng, recorded = steps[0]
+    assert [set(r) for r in recorded] != exact(queries, trainer.model.query_model.state_dict(), rng)
+
+
+def test_adore_loss_ranks_every_positive_among_all_candidates_and_normalises_by_pairs():
+    from retriever.losses.lambda_rank import LambdaRankLoss
+
+    # one query, candidates in score order: n0, p0, n1, p1 (two positives, both ranked among all four)
+    scores = torch.tensor([[0.9, 0.8, 0.5, 0.4]], requires_grad=True)
+    relevant = torch.tensor([[False, True, False, True]])
+    loss = LambdaRankLoss(scale=1.0, cutoff=None)(scores, relevant)
+    gain = 1 / torch.arange(1, 5).float()
+    pairs = [(1, 0), (1, 2), (3, 0), (3, 2)]
+    expected = sum(abs(gain[i] - gain[j]) * torch.nn.functional.softplus(-(scores[0, i] - scores[0, j]))
+                   for i, j in pairs) / len(pairs)
+    assert torch.allclose(loss, expected)
+    # padding changes nothing; a second query with one pair weighs as much as the first
+    padded = torch.cat([scores, torch.tensor([[0.0, 0.0, 0.0, 0.0]])], 0)
+    valid = torch.tensor([[True] * 4, [True, True, False, False]])
+    rel2 = torch.cat([relevant, torch.tensor([[True, False, False, False]])], 0)
+    both = LambdaRankLoss(scale=1.0, cutoff=None)(padded, rel2, valid)
+    single = LambdaRankLoss(scale=1.0, cutoff=None)(padded[1:, :2], rel2[1:, :2])
+    assert torch.allclose(both, (expected + single) / 2)
+
+
+def test_adore_uses_every_positive_and_excludes_duplicates_of_positives_by_text(mini, tmp_path):
+    import json
+    import shutil
+
+    from retriever.data import Corpus, TrainingExample
+
+    folder, model = mini
+    docs = [json.loads(line) for line in (folder / "corpus.jsonl").read_text().splitlines()]
+    dup = dict(docs[0], _id="dup-of-0")  # the same passage under another id
+    work = tmp_path / "mini"
+    shutil.copytree(folder, work)
+    (work / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs + [dup]))
+    corpus = Corpus(work / "corpus.jsonl")
+    ex = TrainingExample(query="which passage?", positives=[corpus.get(docs[0]["_id"]).full_text,
+                                                            corpus.get(docs[1]["_id"]).full_text],
+                         positive_ids=[docs[0]["_id"], docs[1]["_id"]])
+    from retriever.negatives.adore import ADORENegatives
+
+    strategy = ADORENegatives({"k": 200})
+    strategy.setup(BiEncoder.from_pretrained(model), corpus, [ex], tmp_path / "index")
+    rows = strategy.positive_rows[ex.query]
+    assert {strategy.doc_ids[r] for r in rows} == {docs[0]["_id"], docs[1]["_id"], "dup-of-0"}
+    emb, relevant, valid, negatives = strategy.candidates([ex.query], np.array([[0, 5, 7]]))
+    assert relevant[0].sum() == 3  # both positives and the duplicate, retrieved or appended
+    assert all(strategy.doc_ids[r] not in {docs[0]["_id"], docs[1]["_id"], "dup-of-0"} for r in negatives[0])
+
+
+def test_star_then_adore_through_the_real_pipeline_cli(mini, tmp_path):
+    """`negatron train` on a pipeline YAML: STAR trains, ADORE starts from STAR's final model and ends
+    with STAR's document tower unchanged."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from retriever.cli import _register_all, app
+
+    folder, model = mini
+    star = tiny_config(folder, model, "star", {"range_min": 0, "range_max": 30}, max_steps=2)
+    adore = tiny_config(folder, model, "adore", {"k": 20}, max_steps=2, learning_rate=5e-3)
+    pipeline = tmp_path / "star-adore.yaml"
+    pipeline.write_text(yaml.safe_dump({"pipeline": [{"name": "star", "config": star},
+                                                     {"name": "adore", "config": adore}]}))
+    _register_all()
+    result = CliRunner().invoke(app, ["train", "--config", str(pipeline), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    star_final = BiEncoder.from_pretrained(tmp_path / "out" / "star" / "final")
+    final = BiEncoder.from_pretrained(tmp_path / "out" / "adore" / "final")
+    assert not final.shared
+    star_state = star_final.query_model.state_dict()
+    assert all(torch.equal(final.doc_model.state_dict()[k], v) for k, v in star_state.items())
+    assert any(not torch.equal(final.query_model.state_dict()[k], v) for k, v in star_state.items())
+    start = BiEncoder.from_pretrained(model).query_model.state_dict()
+    assert any(not torch.equal(star_state[k], v) for k, v in start.items())  # STAR did train
 
 
 def test_star_adore_pipeline_config_chains_the_stages(tmp_path, monkeypatch):

@@ -92,3 +92,80 @@ def test_star_mines_up_front_with_the_warmup_model(mini, tmp_path):
         # the pool is the warm-up model's top of the ranking (positives removed)
         top = [ds.corpus[r].full_text for r in np.argsort(-(d @ q[i]))[:40] if ds.corpus[r].id not in ex.positive_ids]
         assert len(set(pool) & set(top[:15])) >= 8
+
+
+def test_star_mining_honours_range_min_and_samples_the_whole_window(mini, tmp_path):
+    """No mined negative ranks above range_min under the warm-up model; the default pool is the whole
+    window (DRhard samples the top 200 at random), and batches mix hard and random negatives."""
+    from retriever.modeling import BiEncoder
+
+    folder, model = mini
+    ds = load_beir(folder, "train")
+    examples = training_examples_from_qrels(ds.queries, ds.qrels, ds.corpus)
+    strategy = STARNegatives({"range_min": 5, "range_max": 40, "hard_per_query": 1, "random_per_query": 1})
+    strategy.corpus = ds.corpus
+    warmup = BiEncoder.from_pretrained(model)
+    strategy.setup(examples, warmup, tmp_path)
+    from index.store import EmbeddingStore
+    from mining.miner import encode_texts
+
+    # rank as the warm-up index does: its stored (float16) document vectors, the miner's query encoding
+    store = EmbeddingStore.open(tmp_path / "star-warmup-index" / "embeddings")
+    d = np.asarray(store.load_all(), dtype=np.float32)
+    q = encode_texts(warmup, [ex.query for ex in examples], kind="query", batch_size=None, bf16=None)
+    texts = [ds.corpus.get(i).full_text for i in store.ids]
+    for i, ex in enumerate(examples):
+        ranking = [texts[r] for r in np.argsort(-(d @ q[i]), kind="stable")]
+        pool = strategy.hard[ex.query]
+        window = [t for t in ranking[5:40] if t not in ex.positives]
+        assert not set(pool) & set(ranking[:5]), "a negative ranked above range_min was mined"
+        assert len(set(pool) & set(window)) >= len(window) - 2  # the whole window (ties at the edges aside)
+    collate = BatchCollator(strategy, seed=0)
+    outside = total = 0
+    for epoch in range(3):
+        for start in range(0, 24, 8):
+            batch = collate(examples[start:start + 8], list(range(start, start + 8)), epoch)
+            negs = batch.documents[len(batch.queries):]
+            for i, ex in enumerate(examples[start:start + 8]):
+                hard, random = negs[2 * i], negs[2 * i + 1]
+                assert hard in strategy.hard[ex.query]  # the hard slot comes from the mined pool
+                outside += random not in strategy.hard[ex.query]
+                total += 1
+    # random corpus negatives: the pool is ~30 % of this corpus, so most random picks fall outside it
+    assert outside > 0.4 * total
+
+
+def test_star_pairwise_loss_is_drhards_and_trains(mini, tmp_path):
+    import torch
+
+    from retriever.losses.pairwise import PairwiseLoss
+    from retriever.trainer import Trainer
+
+    q = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    d = torch.nn.functional.normalize(torch.randn(7, 8), dim=-1)
+    targets = torch.tensor([0, 1, 2])
+    exclude = torch.zeros(3, 7, dtype=torch.bool)
+    exclude[0, 4] = True
+    s = q @ d.T / 0.05
+    pairs = [(i, j) for i in range(3) for j in range(7) if j != targets[i] and not exclude[i, j]]
+    expected = torch.stack([-torch.log_softmax(torch.stack([s[i, targets[i]], s[i, j]]), 0)[0] for i, j in pairs]).mean()
+    assert torch.allclose(PairwiseLoss(0.05)(q, d, targets, exclude), expected)
+
+    folder, model = mini
+    cfg = TrainConfig.model_validate(tiny_config(folder, model, "star", {"loss": "pairwise", "range_max": 30}))
+    trainer = Trainer(cfg, tmp_path / "run")
+    seen = []
+    pairwise_forward = PairwiseLoss.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(1)
+        return pairwise_forward(self, *args, **kwargs)
+
+    PairwiseLoss.forward = spy
+    try:
+        trainer.run()
+    finally:
+        PairwiseLoss.forward = pairwise_forward
+    assert len(seen) == 4
+    with pytest.raises(ValueError, match="no effect"):
+        TrainConfig.model_validate(tiny_config(folder, model, "star", {"loss": "pairwise"}, loss="decoupled"))

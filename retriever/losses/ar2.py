@@ -47,9 +47,12 @@ class AR2RetrieverLoss(nn.Module):
     With ``p_θ`` the retriever's softmax over the candidates and ``p_φ`` the (frozen for this step)
     ranker's softmax over the same candidates, the loss is
 
-    ``(1 - λ) · KL(p_φ ‖ p_θ)  +  λ · Σ_d  log σ(r_pos - r_d) · log p_θ(d)``
+    ``(1 - λ) · mean_q KL(p_φ ‖ p_θ)  +  λ · Σ_q Σ_d  log σ(r_pos - r_d) · log p_θ(d)``
 
-    The first term distils the ranker into the retriever. The second is AR2's adversarial term
+    The first term distils the ranker into the retriever (averaged over the queries). The adversarial
+    term is *summed* over the queries of the (micro-)batch, as microsoft/AR2's retriever step does
+    (``adv_loss.sum()``; its distillation term is divided by the batch size): with ``adv_reduction="mean"``
+    it is averaged like the KL, which makes λ B times weaker than the reference's. The second is AR2's adversarial term
     (the REINFORCE-style retriever update of the minimax game): ``log σ(r_pos - r_d)`` is the
     ranker's log-probability of preferring the positive over ``d``; it is most negative for the
     candidates the ranker confuses with the positive, and minimising the product raises the
@@ -59,7 +62,9 @@ class AR2RetrieverLoss(nn.Module):
     Args:
         adv_lambda: λ, the weight of the adversarial term (AR2's ``adv_lambda``; 0 = pure distillation).
         scale: multiplier on the retriever's scores before the softmax (20 for cosine scores).
-        ranker_temperature: divides the ranker logits before its softmax.
+        ranker_temperature: divides the ranker logits before its softmax (not the rewards, as in the
+            reference).
+        adv_reduction: ``"sum"`` (microsoft/AR2, default) or ``"mean"`` over the queries.
 
     Requirements:
         1. The same candidates for both models, positive in column 0, negatives retrieved by the
@@ -78,23 +83,29 @@ class AR2RetrieverLoss(nn.Module):
           https://arxiv.org/abs/2110.03611 ; code: github.com/microsoft/AR2
     """
 
-    def __init__(self, adv_lambda: float = 0.5, scale: float = 20.0, ranker_temperature: float = 1.0):
+    def __init__(self, adv_lambda: float = 0.5, scale: float = 20.0, ranker_temperature: float = 1.0,
+                 adv_reduction: str = "sum"):
         super().__init__()
         if not 0.0 <= adv_lambda <= 1.0:
             raise ValueError(f"adv_lambda must lie in [0, 1], got {adv_lambda}")
+        if adv_reduction not in ("sum", "mean"):
+            raise ValueError(f"adv_reduction must be 'sum' (microsoft/AR2) or 'mean', got {adv_reduction!r}")
         self.adv_lambda = adv_lambda
         self.scale = scale
         self.ranker_temperature = ranker_temperature
+        self.adv_reduction = adv_reduction
         self.last_kl = 0.0
+        self.last_adversarial = 0.0
 
     def forward(self, retriever_scores: torch.Tensor, ranker_scores: torch.Tensor) -> torch.Tensor:
         log_p_retriever = F.log_softmax(retriever_scores.float() * self.scale, dim=1)
         ranker = ranker_scores.detach().float()
         log_p_ranker = F.log_softmax(ranker / self.ranker_temperature, dim=1)
         kl = F.kl_div(log_p_retriever, log_p_ranker, log_target=True, reduction="batchmean")
-        self.last_kl = float(kl.detach())
+        reward = F.logsigmoid(ranker[:, :1] - ranker)  # log P_ranker(positive beats d), no gradient
+        per_query = (reward * log_p_retriever).sum(dim=1)
+        adversarial = per_query.sum() if self.adv_reduction == "sum" else per_query.mean()
+        self.last_kl, self.last_adversarial = float(kl.detach()), float(adversarial.detach())
         if self.adv_lambda == 0.0:
             return kl
-        reward = F.logsigmoid(ranker[:, :1] - ranker)  # log P_ranker(positive beats d)
-        adversarial = (reward * log_p_retriever).sum(dim=1).mean()
         return (1.0 - self.adv_lambda) * kl + self.adv_lambda * adversarial

@@ -48,7 +48,14 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, query_emb: torch.Tensor, doc_emb: torch.Tensor, targets: torch.Tensor,
                 exclude: torch.Tensor | None = None) -> torch.Tensor:
-        scores = query_emb.float() @ doc_emb.float().T / self.temperature
+        return self.from_similarities(query_emb.float() @ doc_emb.float().T, targets, exclude)
+
+    def from_similarities(self, similarities: torch.Tensor, targets: torch.Tensor,
+                          exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss from a ``[Q, C]`` similarity matrix (before the temperature) whose columns are the
+        candidates; a strategy that adds candidate columns of its own (GISTEmbed's query–query and
+        document–document blocks) calls this with the concatenated matrix."""
+        scores = similarities.float() / self.temperature
         if exclude is not None:
             keep_target = torch.zeros_like(exclude)
             keep_target[torch.arange(len(targets), device=exclude.device), targets] = True

@@ -22,7 +22,8 @@ class DecoupledContrastiveLoss(ContrastiveLoss):
 
         Requirements:
             1. (query, positive) pairs with in-batch and/or hard negatives.
-            2. At least one candidate per query besides its positive that is not excluded.
+            2. At least one candidate per query besides its positive that is not excluded; a query whose
+               every negative is excluded contributes 0 to the mean (no gradient), never a non-finite loss.
 
         Inputs:
             +------------------------------+----------------------------------------------+
@@ -44,14 +45,18 @@ class DecoupledContrastiveLoss(ContrastiveLoss):
         """
         super().__init__(temperature)
 
-    def forward(self, query_emb: torch.Tensor, doc_emb: torch.Tensor, targets: torch.Tensor,
-                exclude: torch.Tensor | None = None) -> torch.Tensor:
-        scores = query_emb.float() @ doc_emb.float().T / self.temperature
+    def from_similarities(self, similarities: torch.Tensor, targets: torch.Tensor,
+                          exclude: torch.Tensor | None = None) -> torch.Tensor:
+        scores = similarities.float() / self.temperature
         rows = torch.arange(len(targets), device=scores.device)
         positive = scores[rows, targets]
         drop = torch.zeros_like(scores, dtype=torch.bool)
         drop[rows, targets] = True
         if exclude is not None:
             drop |= exclude.to(scores.device)
-        negatives = scores.masked_fill(drop, float("-inf"))
-        return (torch.logsumexp(negatives, dim=1) - positive).mean()
+        # A row whose every negative is excluded has nothing to contrast with (log Σ over nothing is -inf):
+        # it contributes 0 to the mean, as it would under InfoNCE, where only the positive is left.
+        has_negative = ~drop.all(dim=1)
+        negatives = scores.masked_fill(drop, torch.finfo(scores.dtype).min)
+        per_row = torch.logsumexp(negatives, dim=1) - positive
+        return torch.where(has_negative, per_row, torch.zeros_like(per_row)).mean()

@@ -22,7 +22,7 @@ def guide_mask(guide_scores: torch.Tensor, guide_positive: torch.Tensor, margin:
     if strategy == "absolute":
         threshold = pos - margin
     elif strategy == "relative":
-        threshold = pos * (1.0 - margin)
+        threshold = pos - pos.abs() * margin  # sentence-transformers' rule (equals pos * (1 - margin) for pos >= 0)
     else:
         raise ValueError(f"unknown margin strategy {strategy!r}; choose absolute or relative")
     return guide_scores > threshold
@@ -41,7 +41,7 @@ class GISTLoss(nn.Module):
         scale: inverse temperature applied to the student's cosine scores (20 = temperature 0.05).
         margin: slack on the guide threshold; 0 masks candidates strictly above the positive.
         margin_strategy: ``"absolute"`` masks ``guide > guide_pos - margin``; ``"relative"`` masks
-            ``guide > guide_pos * (1 - margin)``.
+            ``guide > guide_pos - |guide_pos| * margin``.
 
     Requirements:
         1. (query, positive) pairs, optionally with hard negatives appended as extra candidate columns.
@@ -55,9 +55,16 @@ class GISTLoss(nn.Module):
         |                                |           | column ``labels[i]`` (default i)        |
         | student_qq, guide_qq (opt.)    | [B, B]    | query i vs query j; the diagonal is     |
         |                                |           | always dropped                          |
-        | student_dd, guide_dd (opt.)    | [B, N]    | positive document of i vs document j;   |
-        |                                |           | column ``labels[i]`` (itself) dropped   |
+        | student_dd, guide_dd (opt.)    | [B, P]    | positive document of i vs positive j    |
+        |                                |           | (sentence-transformers: the batch's     |
+        |                                |           | positives); column ``self_columns[i]``  |
+        |                                |           | (itself) dropped                        |
         +--------------------------------+-----------+-----------------------------------------+
+
+    The trainer uses :meth:`masks` for ``negatives.strategy: gist`` (query–document masks through
+    ``exclude_mask``, the query–query and document–document blocks through ``extra_candidates``), so
+    ``training.loss`` (InfoNCE or decoupled) applies to all three blocks; ``forward`` is the standalone
+    InfoNCE form.
 
     References:
         - Solatorio, "GISTEmbed: Guided In-sample Selection of Training Negatives for Text
@@ -74,21 +81,26 @@ class GISTLoss(nn.Module):
         self.margin_strategy = margin_strategy
         self.last_masked_fraction = 0.0
 
-    def masks(self, guide_qd, labels, guide_qq=None, guide_dd=None) -> list[torch.Tensor]:
-        """The boolean masks (True = removed) for each candidate block, in the order qd, qq, dd."""
+    def masks(self, guide_qd, labels, guide_qq=None, guide_dd=None, self_columns=None) -> list[torch.Tensor]:
+        """The boolean masks (True = removed) for each candidate block, in the order qd, qq, dd.
+
+        ``self_columns[i]``: the column of row i's own query in ``guide_qq`` and of its own positive in
+        ``guide_dd`` (default: ``i`` in qq, ``labels[i]`` in dd; under torchrun the rank's offset)."""
         rows = torch.arange(guide_qd.shape[0], device=guide_qd.device)
         guide_pos = guide_qd[rows, labels]
+        qq_self = rows if self_columns is None else self_columns
+        dd_self = labels if self_columns is None else self_columns
         out = []
         qd = guide_mask(guide_qd, guide_pos, self.margin, self.margin_strategy)
         qd[rows, labels] = False  # the positive itself is the target, never masked
         out.append(qd)
         if guide_qq is not None:
             qq = guide_mask(guide_qq, guide_pos, self.margin, self.margin_strategy)
-            qq |= torch.eye(qq.shape[0], qq.shape[1], dtype=torch.bool, device=qq.device)
+            qq[rows, qq_self] = True  # the query compared with itself
             out.append(qq)
         if guide_dd is not None:
             dd = guide_mask(guide_dd, guide_pos, self.margin, self.margin_strategy)
-            dd[rows, labels] = True  # the positive compared with itself
+            dd[rows, dd_self] = True  # the positive compared with itself
             out.append(dd)
         return out
 

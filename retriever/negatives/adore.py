@@ -2,9 +2,11 @@
 
 Zhan et al., "Optimizing Dense Retrieval Model Training with Hard Negatives", SIGIR 2021. The document
 encoder is frozen and the corpus is encoded into a FAISS index once. At every step the current query
-encoder embeds the batch's queries, retrieves their top-k from that index (positives excluded) and is
-trained with the ΔMRR-weighted LambdaLoss over positive + retrieved negatives
-(:class:`retriever.losses.lambda_rank.LambdaRankLoss`). Document embeddings are read from the index's
+encoder embeds the batch's queries, retrieves their top-k (200) from that index and is trained with the
+ΔMRR-weighted LambdaLoss over the retrieved list plus any positive it missed: every positive of the
+query is ranked among all the candidates, and positives (by id, and exact-text duplicates under other
+ids) are never negatives; each query's loss is normalised by its number of pairs, as DRhard's
+``adore/train.py`` (:class:`retriever.losses.lambda_rank.LambdaRankLoss`). Document embeddings are read from the index's
 store, never recomputed, so a step costs one query forward pass and one ANN search; and because the
 negatives are what the *current* model retrieves, training optimises exactly the ranking it will serve.
 
@@ -25,7 +27,7 @@ import torch
 from pydantic import Field
 
 from retriever.data import Corpus
-from retriever.losses.lambda_rank import LambdaRankLoss
+from retriever.losses.lambda_rank import LambdaRankLoss, candidate_ranks
 from retriever.modeling import autocast
 from retriever.negatives.base import NegativeStrategy, StrategyOptions, register_strategy
 from retriever.negatives.corpus_index import build_index, corpus_path
@@ -34,10 +36,11 @@ logger = logging.getLogger(__name__)
 
 
 class ADOREOptions(StrategyOptions):
-    k: int = Field(100, gt=0, description="negatives retrieved live per query (after removing positives)")
+    k: int = Field(200, gt=0, description="documents retrieved live per query, positives included (the paper: 200)")
     cutoff: int | None = Field(10, gt=0, description="MRR cutoff of the ΔMRR weights (None: full MRR)")
     mode: Literal["lambda", "listwise"] = "lambda"
-    scale: float | None = Field(None, gt=0, description="score multiplier (default 1 / training.temperature)")
+    scale: float | None = Field(None, gt=0, description="score multiplier of the loss (default 1 / "
+                                "training.temperature; the paper's raw dot products: 1)")
     corpus: str | None = Field(None, description="corpus to index (default: the data's)")
     encode_batch_size: int = Field(64, gt=0)
 
@@ -45,14 +48,15 @@ class ADOREOptions(StrategyOptions):
 @register_strategy("adore")
 class ADORENegatives(NegativeStrategy):
     Options = ADOREOptions
+    supports_loss_options = False  # trains with its own LambdaLoss in micro_step
 
     def __init__(self, options=None):
         super().__init__(options)
         self.index = None
         self.doc_ids: list[str] = []
         self.doc_emb: torch.Tensor | None = None
-        self.positive_emb: dict[str, torch.Tensor] = {}   # positive text -> frozen embedding
-        self.positive_ids: dict[str, set[str]] = {}        # query text -> positive doc ids
+        self.positive_rows: dict[str, set[int]] = {}        # query text -> corpus rows of its positives (id or text)
+        self.extra_positive_emb: dict[str, torch.Tensor] = {}  # query text -> [n, d] positives not in the corpus
         self.loss_fn: LambdaRankLoss | None = None
         self.last_negative_ids: list[list[str]] = []
         self._retrieved_rank_sum = 0.0
@@ -73,52 +77,84 @@ class ADORENegatives(NegativeStrategy):
         self.doc_ids = [str(i) for i in dense.ids]
         self.doc_emb = torch.from_numpy(np.asarray(store.load_all(), dtype=np.float32))
         row = {d: i for i, d in enumerate(self.doc_ids)}
-        missing: list[str] = []
+        # positives by id, and by text: an exact copy of a positive under another id (MS MARCO has many)
+        # is relevant too, never a negative
+        wanted = {t.strip() for ex in examples for t in ex.positives}
+        by_text: dict[str, list[int]] = {}
+        if wanted:
+            for doc in corpus:
+                text = doc.full_text.strip()
+                if text in wanted:
+                    by_text.setdefault(text, []).append(row[doc.id])
+        missing: dict[str, list[str]] = {}
         for ex in examples:
-            self.positive_ids[ex.query] = set(ex.positive_ids)
-            by_id = dict(zip(ex.positives, ex.positive_ids)) if len(ex.positives) == len(ex.positive_ids) else {}
+            rows = self.positive_rows.setdefault(ex.query, set())
+            rows.update(row[d] for d in ex.positive_ids if d in row)
             for text in ex.positives:
-                if text in self.positive_emb:
-                    continue
-                if text in by_id and by_id[text] in row:
-                    self.positive_emb[text] = self.doc_emb[row[by_id[text]]]
-                else:
-                    missing.append(text)
-        if missing:  # positives given as text only: embed them once with the frozen document tower
-            missing = sorted(set(missing))
-            emb = model.encode(missing, kind="document", batch_size=self.options.encode_batch_size, bf16=False)
-            self.positive_emb.update({t: torch.from_numpy(e) for t, e in zip(missing, emb)})
+                found = by_text.get(text.strip())
+                if found:
+                    rows.update(found)
+                elif text not in missing.setdefault(ex.query, []):
+                    missing[ex.query].append(text)
+        texts = sorted({t for ts in missing.values() for t in ts})
+        if texts:  # positives given as text only, absent from the corpus: embed them once (frozen tower)
+            emb = dict(zip(texts, model.encode(texts, kind="document", batch_size=self.options.encode_batch_size,
+                                               bf16=False)))
+            for q, ts in missing.items():
+                if ts:
+                    self.extra_positive_emb[q] = torch.from_numpy(np.stack([emb[t] for t in ts]))
+        empty = [q for q, rows in self.positive_rows.items() if not rows and q not in self.extra_positive_emb]
+        if empty:
+            raise ValueError(f"{len(empty)} training queries have no positive, e.g. {empty[0][:60]!r}")
 
     # ------------------------------------------------------------------ step
-    def retrieve(self, query_emb: np.ndarray, queries: list[str]) -> np.ndarray:
-        """Rows of the top-k documents per query under the current query encoder, positives removed."""
-        k = self.options.k
-        depth = k + max((len(self.positive_ids.get(q, ())) for q in queries), default=0)
-        _, rows = self.index.search(np.ascontiguousarray(query_emb, dtype=np.float32), depth)
-        out = np.empty((len(queries), k), dtype=np.int64)
+    def retrieve(self, query_emb: np.ndarray) -> np.ndarray:
+        """Rows of the top-k documents per query under the current query encoder (positives included,
+        in rank order; -1 pads when the corpus has fewer than k documents)."""
+        _, rows = self.index.search(np.ascontiguousarray(query_emb, dtype=np.float32), self.options.k)
+        return rows
+
+    def candidates(self, queries: list[str], rows: np.ndarray):
+        """Per query: every retrieved document plus the positives it missed (all of them: ADORE ranks
+        each positive among all candidates). Returns the candidate embeddings ``[B, N, d]``, the
+        ``relevant`` and ``valid`` masks ``[B, N]`` and the non-relevant retrieved rows per query."""
+        lists, negatives = [], []
         for i, q in enumerate(queries):
-            positives = self.positive_ids.get(q, set())
-            kept = [r for r in rows[i] if r >= 0 and self.doc_ids[r] not in positives][:k]
-            if len(kept) < k:
-                raise ValueError(f"the index holds too few documents to retrieve {k} negatives; lower negatives.options.k")
-            out[i] = kept
-        return out
+            positives = self.positive_rows.get(q, set())
+            retrieved = [int(r) for r in rows[i] if r >= 0]
+            missed = sorted(positives - set(retrieved))
+            emb = self.doc_emb[torch.tensor(retrieved + missed, dtype=torch.long)]
+            rel = [r in positives for r in retrieved] + [True] * len(missed)
+            extra = self.extra_positive_emb.get(q)
+            if extra is not None:
+                emb, rel = torch.cat([emb, extra]), rel + [True] * len(extra)
+            lists.append((emb, rel))
+            negatives.append([r for r in retrieved if r not in positives])
+        n = max(len(rel) for _, rel in lists)
+        dim = self.doc_emb.shape[1]
+        emb = torch.zeros(len(queries), n, dim)
+        relevant = torch.zeros(len(queries), n, dtype=torch.bool)
+        valid = torch.zeros(len(queries), n, dtype=torch.bool)
+        for i, (e, rel) in enumerate(lists):
+            emb[i, :len(rel)] = e
+            relevant[i, :len(rel)] = torch.tensor(rel)
+            valid[i, :len(rel)] = True
+        return emb, relevant, valid, negatives
 
     def micro_step(self, trainer: Any, batch, scale: float) -> float:
         model = trainer.model
         with autocast(model.device, trainer.bf16):
             q = model.embed(model.tokenize(batch.queries, "query"), "query").float()
-        rows = self.retrieve(q.detach().cpu().numpy(), batch.queries)
-        self.last_negative_ids = [[self.doc_ids[r] for r in row] for row in rows]
-        neg = self.doc_emb[torch.from_numpy(rows)].to(q.device)                     # [B, k, d], no grad
-        pos_texts = [batch.global_documents[int(t)] for t in batch.targets]
-        pos = torch.stack([self.positive_emb[t] for t in pos_texts]).to(q.device)   # [B, d], no grad
-        pos_scores = (q * pos).sum(-1)
-        neg_scores = torch.einsum("bd,bkd->bk", q, neg)
-        loss = self.loss_fn(pos_scores, neg_scores)
+        rows = self.retrieve(q.detach().cpu().numpy())
+        emb, relevant, valid, negatives = self.candidates(batch.queries, rows)
+        self.last_negative_ids = [[self.doc_ids[r] for r in negs] for negs in negatives]
+        emb, relevant, valid = emb.to(q.device), relevant.to(q.device), valid.to(q.device)
+        scores = torch.einsum("bd,bnd->bn", q, emb)                                   # documents: no grad
+        loss = self.loss_fn(scores, relevant, valid)
         (loss * scale).backward()
         with torch.no_grad():
-            self._retrieved_rank_sum += float((neg_scores > pos_scores[:, None]).sum(1).float().add(1).reciprocal().mean())
+            ranks = candidate_ranks(scores, valid).masked_fill(~relevant, scores.shape[1] + 1)
+            self._retrieved_rank_sum += float(ranks.min(dim=1).values.float().reciprocal().mean())
             self._steps += 1
         return float(loss.detach())
 

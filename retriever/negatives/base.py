@@ -12,9 +12,13 @@ Hooks, in the order the trainer calls them:
 3. ``exclude_mask(batch, query_emb, doc_emb)``: per micro-batch, on detached embeddings: a boolean
    ``[queries, documents]`` mask of candidates to drop from the softmax (e.g. GISTEmbed's guide-flagged
    false negatives), or ``None``. It is OR-ed with the collator's duplicate-positive mask.
+   ``extra_candidates(batch, query_emb, doc_emb, dist_ctx)``: optional candidate columns of the strategy's
+   own (GISTEmbed's query–query and document–document similarities) with their mask.
 4. ``on_step_end(step)``: after each optimizer step: refresh mined negatives, update a generator.
    Optional: ``epoch_order`` (batch composition, TAS-B), ``micro_step`` (a strategy's own loss, ADORE/AR2),
-   ``log_metrics`` (extra log columns).
+   ``log_metrics`` (extra log columns), ``updates_model`` / ``model_update_steps`` (steps that leave the
+   bi-encoder alone and the LR schedule's length: AR2's ranker steps), ``on_model_saved`` (save a
+   companion model beside ``final/`` and ``best/``: AR2's ranker).
 5. ``state_dict()`` / ``load_state_dict(state)``: whatever must survive a checkpoint for exact resume.
 """
 
@@ -26,6 +30,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from retriever.data import TrainingExample
@@ -43,6 +49,17 @@ class NegativeStrategy:
 
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     name: ClassVar[str] = ""
+    # False for a strategy that trains with its own loss in ``micro_step`` (ADORE, AR2): the trainer's
+    # ``training.loss`` and ``training.grad_cache`` would do nothing, so the config refuses them.
+    supports_loss_options: ClassVar[bool] = True
+
+    @classmethod
+    def uses_trainer_loss(cls, options: StrategyOptions) -> bool:
+        """Whether a run with these (validated) options trains with the trainer's contrastive step, i.e.
+        whether ``training.loss`` and ``training.grad_cache`` take effect. Checked once, when a
+        :class:`retriever.config.TrainConfig` is validated. Override where it depends on the options
+        (TAS-B: not under its distillation losses)."""
+        return cls.supports_loss_options
 
     def __init__(self, options: StrategyOptions | dict | None = None):
         self.options = options if isinstance(options, StrategyOptions) else self.Options.model_validate(options or {})
@@ -54,12 +71,40 @@ class NegativeStrategy:
         """Hard-negative texts for one example; ``rng`` is seeded per (seed, epoch, example)."""
         return []
 
+    def negatives_given_positive(self, example: "TrainingExample", positive: int,
+                                 rng: np.random.Generator) -> list[str]:
+        """What the collator calls: :meth:`negatives_for` once the batch's positive of ``example``
+        (``example.positives[positive]``) is drawn; override when the choice depends on it (TAS-B's
+        teacher margins are taken against the positive actually in the batch)."""
+        return self.negatives_for(example, rng)
+
     def exclude_mask(self, batch: "Batch", query_emb: "torch.Tensor", doc_emb: "torch.Tensor") -> "torch.Tensor | None":
         """Boolean ``[len(batch.queries), doc_emb.shape[0]]``; True drops that candidate."""
         return None
 
+    def extra_candidates(self, batch: "Batch", query_emb: "torch.Tensor", doc_emb: "torch.Tensor",
+                         dist_ctx: Any) -> "tuple[torch.Tensor, torch.Tensor] | None":
+        """Candidate columns beyond the batch's documents, or ``None``: ``(similarities [Q, E]`` with
+        gradients, ``exclude [Q, E]`` bool``)``, appended to each query's row of the contrastive loss
+        (GISTEmbed's query–query and document–document blocks). ``doc_emb`` holds every process's
+        documents; the call is collective under torchrun (every process makes it)."""
+        return None
+
     def on_step_end(self, step: int) -> None:
         """Called after optimizer step ``step`` (1-based)."""
+
+    def updates_model(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) updates the bi-encoder. False skips the trainer's
+        optimizer and LR-schedule step (AR2's ranker steps train only the ranker)."""
+        return True
+
+    def model_update_steps(self, total_steps: int) -> int:
+        """How many of the run's ``total_steps`` steps update the bi-encoder: the LR schedule's length."""
+        return total_steps
+
+    def on_model_saved(self, folder: "Path", kind: str) -> None:
+        """Called on the main process after the bi-encoder was saved to ``folder`` (``kind``: ``"final"``,
+        or ``"best"`` when dev scoring kept a new best): save what belongs with it (AR2's ranker)."""
 
     def epoch_order(self, num_examples: int, seed: int, epoch: int) -> "np.ndarray | None":
         """The example order of one epoch (consecutive global batches are taken from it), or ``None``

@@ -33,14 +33,17 @@ def training_queries(examples: Sequence[TrainingExample]):
             for i, ex in enumerate(examples)]
 
 
-def build_index(model, corpus: Corpus, folder: Path, batch_size: int | None = None, bf16: bool | None = None):
+def build_index(model, corpus: Corpus, folder: Path, batch_size: int | None = None, bf16: bool | None = None,
+                distributed: bool = True):
     """Encode ``corpus`` with ``model``'s document tower and build a flat inner-product FAISS index.
 
     Returns ``(DenseIndex, EmbeddingStore)``; files go to ``folder/embeddings`` and ``folder/index``.
+    ``distributed=False`` encodes on this process alone (a caller that runs only on the main process).
     """
     from index.encode import encode_corpus
     from index.faiss_index import DenseIndex
 
-    store = encode_corpus(model, corpus, folder / "embeddings", batch_size=batch_size, bf16=bf16, show_progress=False)
-    DenseIndex.build(store, folder / "index", factory="Flat", metric="ip")
+    store = encode_corpus(model, corpus, folder / "embeddings", batch_size=batch_size, bf16=bf16, show_progress=False,
+                          distributed=distributed)
+    DenseIndex.build(store, folder / "index", factory="Flat", metric="ip", distributed=distributed)
     return DenseIndex.load(folder / "index"), store

@@ -8,6 +8,7 @@ encoded on the fly and added.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import numpy as np
@@ -15,8 +16,11 @@ import torch
 from pydantic import Field
 
 from retriever.data import TrainingExample
-from retriever.losses.gist import guide_mask
+from retriever.distributed import gather_objects, gather_with_grad
+from retriever.losses.gist import GISTLoss
 from retriever.negatives.base import NegativeStrategy, StrategyOptions, register_strategy
+
+logger = logging.getLogger(__name__)
 
 
 class GISTOptions(StrategyOptions):
@@ -58,7 +62,21 @@ class GISTNegatives(NegativeStrategy):
             p.requires_grad_(False)
         self.guide = guide
 
+    def check_examples(self, examples: list[TrainingExample]) -> None:
+        """``hard_per_query`` needs hard negatives in the data: none at all is an error, some missing a warning."""
+        if not self.options.hard_per_query:
+            return
+        bare = sum(1 for ex in examples if not ex.negatives)
+        if bare == len(examples):
+            raise ValueError(f"negatives.options.hard_per_query is {self.options.hard_per_query} but the training "
+                             "data has no hard negatives; set it to 0 (in-batch only) or train on mined data "
+                             "(negatron mine)")
+        if bare:
+            logger.warning("GISTEmbed: %d of %d training queries have no hard negatives; they bring none into "
+                           "their batch (hard_per_query=%d)", bare, len(examples), self.options.hard_per_query)
+
     def prepare(self, trainer: Any) -> None:
+        self.check_examples(trainer.train_examples)
         self.load_guide(trainer.device)
         if self.options.cache:
             self.cache_examples(trainer.train_examples)
@@ -102,15 +120,49 @@ class GISTNegatives(NegativeStrategy):
         gd = self.guide_embeddings(batch.global_documents, "document")
         return gq @ gd.T
 
+    @property
+    def rule(self) -> GISTLoss:
+        return GISTLoss(margin=self.options.margin, margin_strategy=self.options.margin_strategy)
+
     def exclude_mask(self, batch, query_emb: torch.Tensor, doc_emb: torch.Tensor) -> torch.Tensor:
+        """Query–document block (positives and hard negatives of the global batch)."""
         scores = self.guide_scores(batch)
-        targets = batch.targets.to(scores.device)
-        rows = torch.arange(len(targets))
-        mask = guide_mask(scores, scores[rows, targets], self.options.margin, self.options.margin_strategy)
-        mask[rows, targets] = False
-        self.masked += int(mask.sum())
-        self.candidates += mask.numel() - len(targets)
+        (mask,) = self.rule.masks(scores, batch.targets.to(scores.device))
+        self._count(mask, len(batch.targets))
         return mask
+
+    def extra_candidates(self, batch, query_emb: torch.Tensor, doc_emb: torch.Tensor, dist_ctx):
+        """The query–query and document–document blocks sentence-transformers' GISTEmbedLoss always adds:
+        each query against every query of the global batch, and its positive against every positive,
+        masked by the same guide threshold (the guide's query–positive score); a text is never its own
+        negative, and copies of the query's own positives stay excluded as in the document block."""
+        b = len(batch.queries)
+        targets = batch.targets.to(doc_emb.device)
+        offset = dist_ctx.rank * b  # this process's rows among the gathered queries / positives
+        all_queries = gather_with_grad(query_emb, dist_ctx)
+        pos_cols = torch.tensor([c for cols in gather_objects(batch.targets.tolist(), dist_ctx) for c in cols],
+                                device=doc_emb.device)
+        all_texts = [q for qs in gather_objects(batch.queries, dist_ctx) for q in qs]
+        positive_texts = [batch.global_documents[c] for c in pos_cols.tolist()]
+        own_positives = [batch.global_documents[c] for c in batch.targets.tolist()]
+
+        gq = self.guide_embeddings(batch.queries, "query")
+        g_all_q = self.guide_embeddings(all_texts, "query")
+        gp = self.guide_embeddings(positive_texts, "document")
+        g_own = gp[offset:offset + b]
+        rows = torch.arange(b)
+        guide_qd = gq @ gp.T  # only for the threshold: the guide's query–positive score at column offset + i
+        _, qq, dd = self.rule.masks(guide_qd, rows + offset, gq @ g_all_q.T, g_own @ gp.T, self_columns=rows + offset)
+        dd |= batch.exclude[:, pos_cols.cpu()]  # another query's positive with this query's positive's text
+        self._count(qq, b, self_masked=True)
+        self._count(dd, b, self_masked=True)
+        sims = torch.cat([query_emb @ all_queries.T, doc_emb[targets] @ doc_emb[pos_cols].T], dim=1)
+        return sims, torch.cat([qq, dd], dim=1)
+
+    def _count(self, mask: torch.Tensor, self_entries: int, self_masked: bool = False) -> None:
+        """Masked-fraction bookkeeping; each row's own entry (the target, or the text itself) is no candidate."""
+        self.masked += int(mask.sum()) - (self_entries if self_masked else 0)
+        self.candidates += mask.numel() - self_entries
 
     def log_metrics(self) -> dict:
         frac = self.masked / self.candidates if self.candidates else 0.0

@@ -7,17 +7,28 @@ negatives and reuses every document of the batch as a negative of every query, s
 
 Hard negatives come, in order of preference, from the training data itself (a mined FlagEmbedding
 JSONL, e.g. ``negatron mine`` output), from ``mined`` (such a JSONL, matched by query text), or are
-mined up front: the warm-up model (default: the model being trained, before its first step) encodes the
-corpus into a FAISS index and retrieves ranks ``[range_min, range_max)`` for every training query.
-Positives are never negatives: they are excluded by id and by text, and the collator masks every
-copy of a query's positives in the batch.
+mined up front: the warm-up model (default: the model being trained, before its first step; loaded on
+the training device) encodes the corpus into a FAISS index and keeps, for every training query, ranks
+``[range_min, range_max)`` (default the top 200, as DRhard) minus positives; each batch draws
+``hard_per_query`` of them at random. Positives are never negatives: they are excluded by id and by
+text, and the collator masks every copy of a query's positives in the batch.
+
+The mined pool is static by definition (mined once, by the starting model), so it is written by id to
+``<run>/star-hard-negatives.jsonl`` (atomically) and read back by a resumed run (a fresh run mines anew): re-mining there would use the
+resumed weights and change the negatives.
+
+``loss: pairwise`` trains with DRhard's pairwise loss over (s⁺, s⁻) pairs
+(:class:`retriever.losses.pairwise.PairwiseLoss`); the default ``infonce`` is negatron's listwise
+InfoNCE over the same candidates (the trainer's ``training.loss``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -27,6 +38,7 @@ from retriever.negatives.base import NegativeStrategy, StrategyOptions, register
 from retriever.negatives.corpus_index import build_index, corpus_path, training_queries
 
 logger = logging.getLogger(__name__)
+POOL_FILE = "star-hard-negatives.jsonl"
 
 
 class STAROptions(StrategyOptions):
@@ -36,8 +48,11 @@ class STAROptions(StrategyOptions):
     warmup_model: str | None = Field(None, description="model that mines up front (default: the starting model)")
     corpus: str | None = Field(None, description="corpus for random negatives and mining (default: the data's)")
     range_min: int = Field(0, ge=0, description="first retrieval rank kept when mining up front")
-    range_max: int = Field(100, gt=0, description="ranks >= range_max are not mined")
-    mine_pool: int = Field(20, gt=0, description="hard negatives kept per query when mining up front")
+    range_max: int = Field(200, gt=0, description="ranks >= range_max are not mined (DRhard: the top 200)")
+    mine_pool: int | None = Field(None, gt=0, description="hard negatives kept per query when mining up front, "
+                                  "best-ranked first (default: every rank of the window; batches sample from it)")
+    loss: Literal["infonce", "pairwise"] = Field("infonce", description="infonce: listwise InfoNCE (the trainer's "
+                                                 "training.loss); pairwise: DRhard's STAR loss over (s+, s-) pairs")
 
     @model_validator(mode="after")
     def _check(self) -> "STAROptions":
@@ -52,17 +67,34 @@ class STAROptions(StrategyOptions):
 class STARNegatives(NegativeStrategy):
     Options = STAROptions
 
+    @classmethod
+    def uses_trainer_loss(cls, options: STAROptions) -> bool:
+        return options.loss == "infonce"  # pairwise runs its own loss in micro_step
+
     def __init__(self, options=None):
         super().__init__(options)
         self.corpus: Corpus | None = None
         self.hard: dict[str, list[str]] = {}  # query text -> hard negative texts
         self.mined_up_front = 0
+        self.pairwise = None
 
     def prepare(self, trainer: Any) -> None:
-        self.corpus = Corpus(corpus_path(trainer, self.options.corpus))
-        self.setup(trainer.train_examples, trainer.model, trainer.output_dir)
+        from retriever.losses.pairwise import PairwiseLoss
 
-    def setup(self, examples: list[TrainingExample], model, work_dir: Path) -> None:
+        self.corpus = Corpus(corpus_path(trainer, self.options.corpus))
+        self.pairwise = PairwiseLoss(trainer.config.training.temperature) if self.options.loss == "pairwise" else None
+        self.setup(trainer.train_examples, trainer.model, trainer.output_dir, device=trainer.device,
+                   resuming=getattr(trainer, "resume_from", None) is not None)
+
+    def micro_step(self, trainer: Any, batch, scale: float) -> float | None:
+        if self.pairwise is None:
+            return None
+        from retriever.step import plain_step
+
+        return plain_step(trainer.model, batch, self.pairwise, self, bf16=trainer.bf16, scale=scale,
+                          dist_ctx=trainer.dist)
+
+    def setup(self, examples: list[TrainingExample], model, work_dir: Path, device=None, resuming: bool = False) -> None:
         """Collect hard negatives for ``examples``; mine them with the warm-up model where missing."""
         if self.options.mined:
             for ex in iter_training_jsonl(self.options.mined, self.corpus):
@@ -73,22 +105,55 @@ class STARNegatives(NegativeStrategy):
                 self.hard.setdefault(ex.query, list(ex.negatives))
         missing = [ex for ex in examples if ex.query not in self.hard]
         if self.options.hard_per_query and missing:
-            self._mine(missing, model, Path(work_dir) / "star-warmup-index")
+            pool_file = Path(work_dir) / POOL_FILE
+            if resuming and pool_file.exists():  # a fresh run over an old folder mines anew
+                self._load_pool(pool_file, missing)
+            else:
+                self._mine(missing, model, Path(work_dir) / "star-warmup-index", device, pool_file)
 
-    def _mine(self, examples: list[TrainingExample], model, folder: Path) -> None:
+    def _load_pool(self, path: Path, examples: list[TrainingExample]) -> None:
+        """The pool a previous (interrupted) run of this folder mined with the starting model."""
+        wanted = {ex.query for ex in examples}
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                try:
+                    row = json.loads(line)
+                    query, ids = row["query"], row["neg_ids"]
+                except (ValueError, KeyError) as exc:
+                    raise ValueError(f"{path}:{lineno}: not a STAR pool line ({exc}); delete the file to mine "
+                                     "again with the starting model") from None
+                if query in wanted:
+                    self.hard[query] = [self.corpus.get(d).full_text for d in ids]
+        logger.info("STAR: read the mined pool of %d queries from %s", len(self.hard), path)
+
+    def _mine(self, examples: list[TrainingExample], model, folder: Path, device=None,
+              pool_file: Path | None = None) -> None:
         from mining.miner import DenseRetriever, MiningConfig, mine
 
         from retriever.modeling import BiEncoder
 
-        warmup = BiEncoder.from_pretrained(self.options.warmup_model) if self.options.warmup_model else model
+        warmup = model
+        if self.options.warmup_model:  # on the training device: encoding the corpus is the costly part
+            warmup = BiEncoder.from_pretrained(self.options.warmup_model)
+            if device is not None:
+                warmup.to(device)
         logger.info("STAR: mining hard negatives for %d queries with the warm-up model", len(examples))
         dense, _ = build_index(warmup, self.corpus, folder)
+        window = self.options.range_max - self.options.range_min
         config = MiningConfig(k=self.options.range_max, range_min=self.options.range_min,
-                              range_max=self.options.range_max, num_negatives=self.options.mine_pool, sampling="top")
+                              range_max=self.options.range_max, num_negatives=self.options.mine_pool or window,
+                              sampling="top")
+        rows = []
         for mined in mine(training_queries(examples), self.corpus, DenseRetriever(dense, warmup), config):
             ex = examples[int(mined.query.query_id)]
             self.hard[ex.query] = [self.corpus.get(d).full_text for d in mined.negative_ids]
+            rows.append({"query": ex.query, "neg_ids": list(mined.negative_ids)})
             self.mined_up_front += 1
+        if pool_file is not None and os.environ.get("RANK", "0") == "0":
+            from retriever.io import atomic_write
+
+            with atomic_write(pool_file, "w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
 
     def _random(self, example: TrainingExample, rng: np.random.Generator, n: int) -> list[str]:
         positives = set(example.positive_ids)

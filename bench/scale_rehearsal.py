@@ -1,0 +1,418 @@
+"""Scale rehearsal: every pipeline stage, run as the CLI a user runs, on MS MARCO-shaped files of a chosen size.
+
+No machine here can encode 8.8M passages with MiniLM in reasonable time, so this measures the *system*
+(readers, offset indexes, embedding shards, FAISS, mining, the trainer's data path, evaluation), not
+the model: a tiny BERT (2 layers, hidden 64, a WordPiece tokenizer trained on the fly) encodes cheaply.
+
+Data: ``collection.tsv``, ``queries.train.tsv``, ``qrels.train.tsv``, ``triples.train.small.tsv``,
+``queries.dev.small.tsv``, ``qrels.dev.small.tsv`` in the official formats, generated deterministically
+from real text - sentences of the ``../shared/data`` corpora (SciFact abstracts, MS MARCO passages),
+recombined 2-3 to a passage (MS MARCO's ~56 words) - and written once to a cache folder
+(``$NEGATRON_CACHE_DIR/scale-rehearsal/n<N>``, never inside the repository). Ratios follow MS MARCO:
+503k train queries and 6,980 dev queries per 8.84M passages, one positive each; 10 triples per train
+query (the official file has ~80).
+
+Per stage and size it records wall time, peak RSS of the whole process tree (polled every 50 ms, and
+never below the stage process's own ``VmHWM``; ``ru_maxrss`` would also count the launching
+process's RSS), disk written, and between sizes the growth exponents (time ~ N^a, memory ~ N^b).
+The memory bound checked is the issue's:
+``peak RSS <= 1.5 x fp16 embedding matrix + model + CONSTANT_MIB``.
+
+    .venv/bin/python bench/scale_rehearsal.py --sizes 100000 [1000000] [--steps 200] [--json out.json]
+    .venv/bin/python bench/scale_rehearsal.py --sizes 20000 --gpu     # the GPU rows (faiss GPU, CUDA encode)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("NEGATRON_SHARED_DATA", ROOT.parent / "shared" / "data"))
+GENERATOR_VERSION = 1
+HIDDEN = 64
+# The constant of the memory bound: a Python process with torch, transformers, faiss and the CLI loaded
+# (~430 MiB measured for `index build` at 5k passages), plus the trainer's optimizer state, tokenizer and
+# batch (~700 MiB measured for `train` at 5k). It does not grow with N. A stage above
+# 1.5 x fp16 matrix + model + this constant holds something that grows with N where it should not.
+CONSTANT_MIB = 1024
+TRAIN_QUERIES_PER_PASSAGE = 502_939 / 8_841_823
+DEV_QUERIES_PER_PASSAGE = 6_980 / 8_841_823
+TRIPLES_PER_QUERY = 10
+
+
+# ------------------------------------------------------------------------------------------ data
+def _sentences(shared: Path) -> list[str]:
+    """Real sentences from the shared corpora, deduplicated, in a fixed order."""
+    sources = [shared / "beir" / "scifact" / "corpus.jsonl", shared / "msmarco" / "dl19-mini-beir" / "corpus.jsonl",
+               shared / "msmarco" / "trec-dl-2019" / "collection.dl19-positives.tsv",
+               shared / "msmarco" / "samples" / "collection.head89.tsv"]
+    texts = []
+    for path in sources:
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if path.suffix == ".jsonl":
+                    obj = json.loads(line)
+                    texts.append(f"{obj.get('title', '')}. {obj.get('text', '')}")
+                else:
+                    parts = line.rstrip("\n").split("\t")
+                    texts.append(parts[1] if len(parts) > 1 else "")
+    if not texts:
+        raise SystemExit(f"no corpora under {shared}: set NEGATRON_SHARED_DATA to the shared data folder")
+    seen, out = set(), []
+    for text in texts:
+        for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text)):
+            s = s.strip(" .")
+            if 4 <= len(s.split()) <= 60 and s not in seen:
+                seen.add(s)
+                out.append(s + ".")
+    return out
+
+
+def generate(folder: Path, n: int, seed: int = 13) -> dict:
+    """MS MARCO-shaped files for ``n`` passages in ``folder`` (reused when already complete)."""
+    done = folder / "GENERATED.json"
+    if done.is_file():
+        meta = json.loads(done.read_text())
+        if meta.get("version") == GENERATOR_VERSION and meta.get("passages") == n:
+            return meta
+    sentences = _sentences(SHARED)
+    rng = np.random.default_rng([seed, n])
+    counts = rng.integers(2, 4, size=n)                              # 2 or 3 sentences a passage
+    picks = rng.integers(0, len(sentences), size=(n, 3))
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gen.", dir=folder))
+
+    def passage(pid: int) -> str:
+        return " ".join(sentences[j] for j in picks[pid, :counts[pid]].tolist())
+
+    with open(tmp / "collection.tsv", "w", encoding="utf-8") as fh:
+        for start in range(0, n, 50_000):
+            fh.write("".join(f"{pid}\t{passage(pid)}\n" for pid in range(start, min(n, start + 50_000))))
+    n_train = max(64, round(n * TRAIN_QUERIES_PER_PASSAGE))
+    n_dev = max(50, round(n * DEV_QUERIES_PER_PASSAGE))
+    positives = rng.choice(n, size=n_train + n_dev, replace=False)
+
+    def query(pid: int) -> str:  # 4-8 consecutive words of the positive's first sentence
+        words = sentences[int(picks[pid, 0])].rstrip(".").split()
+        width = int(rng.integers(4, 9))
+        start = int(rng.integers(0, max(1, len(words) - width + 1)))
+        return " ".join(words[start:start + width]).lower()
+
+    def write_split(queries_name, qrels_name, qid_base, pids):
+        with open(tmp / queries_name, "w", encoding="utf-8") as qf, open(tmp / qrels_name, "w") as rf:
+            for i, pid in enumerate(pids.tolist()):
+                qf.write(f"{qid_base + i}\t{query(pid)}\n")
+                rf.write(f"{qid_base + i}\t0\t{pid}\t1\n")
+
+    write_split("queries.train.tsv", "qrels.train.tsv", 1_000_000, positives[:n_train])
+    write_split("queries.dev.small.tsv", "qrels.dev.small.tsv", 9_000_000, positives[n_train:])
+    train_q = (tmp / "queries.train.tsv").read_text(encoding="utf-8").splitlines()
+    with open(tmp / "triples.train.small.tsv", "w", encoding="utf-8") as fh:
+        for i, line in enumerate(train_q):
+            q = line.split("\t", 1)[1]
+            pos = passage(int(positives[i]))
+            for neg in rng.integers(0, n, size=TRIPLES_PER_QUERY).tolist():
+                fh.write(f"{q}\t{pos}\t{passage(neg)}\n")
+    for f in tmp.iterdir():
+        os.replace(f, folder / f.name)
+    tmp.rmdir()
+    meta = {"version": GENERATOR_VERSION, "passages": n, "train_queries": n_train, "dev_queries": n_dev,
+            "triples": n_train * TRIPLES_PER_QUERY, "sentences": len(sentences), "seed": seed,
+            "bytes": {f.name: f.stat().st_size for f in folder.iterdir() if f.suffix == ".tsv"}}
+    done.write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def tiny_model(cache: Path) -> Path:
+    """The rehearsal's 2-layer, hidden-64 BERT with a WordPiece tokenizer trained on the shared sentences."""
+    path = cache / f"tiny-bert-h{HIDDEN}"
+    if not (path / "config.json").is_file():
+        from retriever.testing import build_tiny_model
+
+        sentences = _sentences(SHARED)
+        tmp = cache / f".tiny-{os.getpid()}"
+        build_tiny_model(tmp, texts=sentences[:30_000], vocab_size=8_000, hidden=HIDDEN, layers=2, heads=2, max_position=512)
+        os.replace(tmp, path) if not path.exists() else shutil.rmtree(tmp)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def _tree_rss_bytes(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _own_hwm_bytes(pid: int) -> int:
+    """The process's own RSS high-water mark since its exec (``VmHWM``). Unlike ``ru_maxrss``, which on
+    Linux also records the forking parent's RSS at exec time, this is the stage's own figure."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _du(path: Path) -> int:
+    if not path.exists():
+        return 0
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_stage(name: str, cmd: list[str], outputs: list[Path], env: dict, log: Path, timeout: float | None = None) -> dict:
+    """Run one stage in a child process; wall time, peak process-tree RSS, disk of its outputs."""
+    started = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        peak = [0]
+        stop = threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                peak[0] = max(peak[0], _tree_rss_bytes(proc.pid), _own_hwm_bytes(proc.pid))
+                stop.wait(0.05)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            _, status, _ = os.wait4(proc.pid, 0) if timeout is None else _wait4_timeout(proc, timeout)
+        finally:
+            stop.set()
+            poller.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"stage {name} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n{tail}")
+    return {"stage": name, "wall_s": round(wall, 2), "peak_rss_mib": round(peak[0] / 2**20, 1),
+            "disk_mib": round(sum(_du(p) for p in outputs) / 2**20, 2)}
+
+
+def _wait4_timeout(proc, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            return pid, status, usage
+        if time.monotonic() > deadline:
+            proc.kill()
+            return os.wait4(proc.pid, 0)
+        time.sleep(0.05)
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-c", "import sys; from retriever.cli import main; sys.argv[0] = 'negatron'; main()", *map(str, args)]
+
+
+_READ_SCRIPT = """
+import sys, time
+import numpy as np
+from retriever.config import DataConfig
+from retriever.data import Corpus
+from retriever.example_table import TriplesFile
+from retriever.train_data import load_examples
+folder = sys.argv[1]
+corpus = Corpus(folder + '/collection.tsv')                      # builds the shared offset index
+rows = np.random.default_rng(0).integers(0, len(corpus), 20000)
+assert all(corpus.row(corpus.ids[int(r)]) == int(r) for r in rows[:2000])
+texts = corpus.texts(rows)                                         # random-access reads
+examples = load_examples(DataConfig(qrels=folder + '/qrels.train.tsv', queries=folder + '/queries.train.tsv',
+                                    collection=folder + '/collection.tsv'))
+batch = [examples[int(i)] for i in np.random.default_rng(1).integers(0, len(examples), 4096)]
+triples = TriplesFile(folder + '/triples.train.small.tsv')        # builds the triples line index
+picked = [triples[int(i)] for i in np.random.default_rng(2).integers(0, len(triples), 4096)]
+print(len(corpus), len(examples), len(triples), sum(map(len, texts)))
+"""
+
+
+def nlist_for(n: int) -> int:
+    """IVF lists: the power of two nearest 4 * sqrt(N), and at least 39 training points a list."""
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    return max(1, min(nlist, n // 39))
+
+
+def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: bool = False,
+             stages: set[str] | None = None, timeout: float | None = None) -> dict:
+    data = cache / f"n{n}"
+    t = time.perf_counter()
+    meta = generate(data, n)
+    gen_s = time.perf_counter() - t
+    model = tiny_model(cache)
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               NEGATRON_CACHE_DIR=str(work / "negatron-cache"), TOKENIZERS_PARALLELISM="false",
+               NEGATRON_ENCODE_BACKEND="torch", PYTHONPATH=str(ROOT))
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    shutil.rmtree(work / "negatron-cache", ignore_errors=True)  # the read stage times a cold offset index
+    want = stages or {"read", "encode", "index-flat", "index-ivf", "mine", "train-inbatch", "train-triples", "eval"}
+    nlist = nlist_for(n)
+    gpu_flag = "yes" if gpu else "no"
+    emb, ix_flat, ix_ivf = work / "emb", work / "ix-flat", work / "ix-ivf"
+    plan = [
+        ("read", [sys.executable, "-c", _READ_SCRIPT, data], [work / "negatron-cache"]),
+        ("encode", _cli("encode", "--model", model, "--corpus", data / "collection.tsv", "--output", emb,
+                        "--batch-size", 256, "--overwrite", "--backend", "torch"), [emb]),
+        ("index-flat", _cli("index", "build", "--embeddings", emb, "--output", ix_flat, "--factory", "Flat",
+                            "--gpu", gpu_flag), [ix_flat]),
+        ("index-ivf", _cli("index", "build", "--embeddings", emb, "--output", ix_ivf, "--factory", f"IVF{nlist},Flat",
+                           "--nprobe", 32, "--gpu", gpu_flag), [ix_ivf]),
+        ("mine", _cli("mine", "--queries", data / "queries.train.tsv", "--qrels", data / "qrels.train.tsv",
+                      "--corpus", data / "collection.tsv", "--index", ix_ivf, "--model", model,
+                      "--output", work / "mined.jsonl", "--k", 100, "--range-min", 10, "--range-max", 100,
+                      "--num-negatives", 5, "--backend", "torch"), [work / "mined.jsonl"]),
+        ("train-inbatch", _train_cmd(work, model, "inbatch", steps, threads,
+                                     {"qrels": data / "qrels.train.tsv", "queries": data / "queries.train.tsv",
+                                      "collection": data / "collection.tsv"}), [work / "run-inbatch"]),
+        ("train-triples", _train_cmd(work, model, "hard", steps, threads, {"triples": data / "triples.train.small.tsv"}),
+         [work / "run-hard"]),
+        ("eval", _cli("eval", "msmarco", "--model", model, "--collection", data / "collection.tsv",
+                      "--queries", data / "queries.dev.small.tsv", "--qrels", data / "qrels.dev.small.tsv",
+                      "--index", ix_flat, "--k", 1000, "--output", work / "eval"), [work / "eval"]),
+    ]
+    rows = []
+    for name, cmd, outputs in plan:
+        if name not in want:
+            continue
+        for out in outputs:
+            if out.is_dir() and name != "read":
+                shutil.rmtree(out)
+        row = run_stage(name, cmd, outputs, env, work / f"{name}.log", timeout=timeout)
+        row["passages"] = n
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    model_mib = _du(model) / 2**20
+    emb_fp16_mib = n * HIDDEN * 2 / 2**20
+    bound = 1.5 * emb_fp16_mib + model_mib + CONSTANT_MIB
+    for row in rows:
+        row["bound_mib"] = round(bound, 1)
+        row["within_bound"] = row["peak_rss_mib"] <= bound
+    return {"passages": n, "data": meta, "generate_s": round(gen_s, 1), "model_mib": round(model_mib, 2),
+            "emb_fp16_mib": round(emb_fp16_mib, 2), "nlist": nlist, "rows": rows}
+
+
+def _train_cmd(work: Path, model: Path, strategy: str, steps: int, threads: int, data: dict) -> list[str]:
+    import yaml
+
+    config = {
+        "model": {"name": str(model), "query_max_length": 32, "doc_max_length": 128},
+        "data": {k: str(v) for k, v in data.items()},
+        "negatives": {"strategy": strategy, **({"options": {"per_query": 1}} if strategy == "hard" else {})},
+        "training": {"learning_rate": 1e-4, "batch_size": 32, "max_steps": steps, "warmup_ratio": 0.1,
+                     "bf16": False, "seed": 42, "log_every": 50, "num_threads": threads},
+    }
+    path = work / f"train-{strategy}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return _cli("train", "--config", path, "--output", work / f"run-{strategy}")
+
+
+# ------------------------------------------------------------------------------------------ reporting
+def exponents(results: list[dict]) -> list[dict]:
+    """Growth exponents between consecutive sizes: time ~ N^a, peak RSS ~ N^b."""
+    out = []
+    for small, big in zip(results, results[1:]):
+        ratio = math.log(big["passages"] / small["passages"])
+        by_stage = {r["stage"]: r for r in small["rows"]}
+        for row in big["rows"]:
+            a = by_stage.get(row["stage"])
+            if a is None:
+                continue
+            out.append({"stage": row["stage"], "from": small["passages"], "to": big["passages"],
+                        "time_exponent": round(math.log(max(row["wall_s"], 1e-3) / max(a["wall_s"], 1e-3)) / ratio, 2),
+                        "rss_exponent": round(math.log(row["peak_rss_mib"] / a["peak_rss_mib"]) / ratio, 2)})
+    return out
+
+
+def markdown(results: list[dict], growth: list[dict]) -> str:
+    lines = ["| passages | stage | wall s | peak RSS MiB (tree) | bound MiB | disk MiB |", "|---|---|---|---|---|---|"]
+    for res in results:
+        for r in res["rows"]:
+            lines.append(f"| {res['passages']:,} | {r['stage']} | {r['wall_s']} | {r['peak_rss_mib']} | {r['bound_mib']} | {r['disk_mib']} |")
+    if growth:
+        lines += ["", "| stage | sizes | time exponent a | RSS exponent b |", "|---|---|---|---|"]
+        lines += [f"| {g['stage']} | {g['from']:,} -> {g['to']:,} | {g['time_exponent']} | {g['rss_exponent']} |" for g in growth]
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    cpu = ""
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "load_avg_1m": round(os.getloadavg()[0], 1), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def main(argv=None) -> int:
+    from retriever.quickstart_data import default_cache_dir
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    ap.add_argument("--steps", type=int, default=200, help="training steps per train stage")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", type=Path, default=None, help="generated data + tiny model (default $NEGATRON_CACHE_DIR/scale-rehearsal)")
+    ap.add_argument("--work", type=Path, default=None, help="stage outputs (default a temp folder, deleted)")
+    ap.add_argument("--stages", nargs="+", default=None)
+    ap.add_argument("--gpu", action="store_true", help="let stages see the GPU (faiss GPU builds, CUDA encode)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    cache = args.cache or default_cache_dir() / "scale-rehearsal"
+    cache.mkdir(parents=True, exist_ok=True)
+    work_root = args.work or Path(tempfile.mkdtemp(prefix="negatron-rehearsal-"))
+    results = []
+    try:
+        for n in args.sizes:
+            results.append(rehearse(n, cache, work_root / f"n{n}", args.steps, args.threads, args.gpu,
+                                    set(args.stages) if args.stages else None))
+    finally:
+        if args.work is None:
+            shutil.rmtree(work_root, ignore_errors=True)
+    growth = exponents(results)
+    report = {"machine": machine(), "constant_mib": CONSTANT_MIB, "results": results, "growth": growth}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(results, growth))
+    over = [(r["passages"], r["stage"]) for res in results for r in res["rows"] if not r["within_bound"]]
+    if over:
+        print(f"over the memory bound: {over}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

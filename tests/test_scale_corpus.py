@@ -1,0 +1,94 @@
+"""The shared, memory-mapped corpus offset index (issue #13: Corpus kept a list + dict of 8.8M ids)."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import retriever.offset_index as offset_index
+from retriever.data import Corpus, DataError
+from retriever.offset_index import CorpusIds
+
+
+def _corpus_file(path, n=300):
+    path.write_text("".join(json.dumps({"_id": f"doc-{i}", "title": f"t{i}", "text": f"text {i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_index_is_built_once_memory_mapped_and_shared(tmp_path, monkeypatch):
+    path = _corpus_file(tmp_path / "c.jsonl")
+    first = Corpus(path)
+    assert isinstance(first.ids, CorpusIds) and isinstance(first._offsets, np.memmap)
+    folder = first._index.folder
+    assert folder is not None and folder.parent == offset_index.cache_root()
+    assert sorted(p.name for p in folder.iterdir()) == ["id_bytes.npy", "id_ends.npy", "id_hashes.npy", "id_rows.npy",
+                                                      "meta.json", "offsets.npy"]
+    # a second consumer maps the same files and never rescans the corpus
+    monkeypatch.setattr(Corpus, "_scan", lambda self: pytest.fail("the corpus was rescanned"))
+    second = Corpus(path)
+    assert second._index.folder == folder and second.ids == first.ids
+    assert second.get("doc-17").text == "text 17" and second.row("doc-299") == 299
+
+
+def test_ids_behave_like_the_list_they_replace(tmp_path):
+    corpus = Corpus(_corpus_file(tmp_path / "c.jsonl", n=70_000))  # > one 65,536-id iteration chunk
+    expect = [f"doc-{i}" for i in range(70_000)]
+    assert corpus.ids == expect and expect == corpus.ids and list(corpus.ids) == expect
+    assert corpus.ids[-1] == "doc-69999" and corpus.ids[3:5] == ["doc-3", "doc-4"] and len(corpus.ids) == 70_000
+    assert "doc-65536" in corpus and "doc-70000" not in corpus and 5 not in corpus
+    assert corpus.rows(["doc-9", "nope", "doc-65537"]).tolist() == [9, -1, 65537]
+    with pytest.raises(KeyError, match="'nope' is not in"):
+        corpus.row("nope")
+    with pytest.raises(IndexError):
+        corpus.ids[70_000]
+
+
+def test_hash_collisions_are_resolved_by_comparing_ids(tmp_path, monkeypatch):
+    monkeypatch.setattr(offset_index, "id_hash", lambda doc_id: 7)  # every id collides
+    corpus = Corpus(_corpus_file(tmp_path / "c.jsonl", n=50))
+    assert [corpus.row(f"doc-{i}") for i in range(50)] == list(range(50)) and "doc-50" not in corpus
+    dup = tmp_path / "d.tsv"
+    dup.write_text("a\tx\nb\ty\nc\tz\nb\tw\n")
+    with pytest.raises(DataError, match=r"d\.tsv:4: duplicate document id 'b' \(first seen on line 2\)"):
+        Corpus(dup)
+
+
+def test_an_edited_corpus_gets_a_fresh_index(tmp_path):
+    path = _corpus_file(tmp_path / "c.jsonl", n=5)
+    old = Corpus(path)
+    path.write_text('{"_id": "new", "text": "fresh"}\n')
+    os.utime(path, ns=(1, 1))  # a different mtime even on a coarse-clock filesystem
+    new = Corpus(path)
+    assert new._index.folder != old._index.folder and list(new.ids) == ["new"] and len(new) == 1
+
+
+def test_pickling_ships_the_folder_not_the_arrays(tmp_path):
+    corpus = Corpus(_corpus_file(tmp_path / "c.jsonl", n=20_000))
+    blob = pickle.dumps(corpus)
+    assert len(blob) < 5_000  # the arrays would be ~1 MB
+    again = pickle.loads(blob)
+    assert again.get("doc-19999").title == "t19999" and again.ids == corpus.ids
+
+
+def test_read_only_cache_falls_back_to_memory(tmp_path, monkeypatch):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("NEGATRON_CACHE_DIR", str(blocked))
+    corpus = Corpus(_corpus_file(tmp_path / "c.jsonl", n=10))
+    assert corpus._index.folder is None and corpus.get("doc-3").text == "text 3"
+    assert pickle.loads(pickle.dumps(corpus)).row("doc-9") == 9
+
+
+def test_embedding_and_index_ids_are_memory_mapped(tmp_path):
+    from index.store import read_ids
+
+    path = tmp_path / "ids.txt"
+    path.write_text("a\nbb\n\u00e9t\u00e9\n")
+    ids = read_ids(path, 3)
+    assert isinstance(ids, CorpusIds) and ids == ["a", "bb", "\u00e9t\u00e9"] and ids[2] == "\u00e9t\u00e9"
+    path.write_text("a\nbb")  # no final newline
+    assert list(read_ids(path, 2)) == ["a", "bb"]
+    with pytest.raises(DataError, match="2 ids but the manifest says 3"):
+        read_ids(path, 3)

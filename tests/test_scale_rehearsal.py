@@ -1,0 +1,61 @@
+"""The scale rehearsal at a small size (issue #13): every stage runs as the CLI and stays within the memory
+bound ``1.5 x fp16 embeddings + model + CONSTANT_MIB``; the generated files are in the official formats."""
+
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import scale_rehearsal as sr  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, shared_data):
+    return tmp_path_factory.mktemp("rehearsal-cache")
+
+
+def test_generated_files_are_msmarco_shaped_and_deterministic(cache, tmp_path):
+    meta = sr.generate(cache / "n3000", 3000)
+    again = sr.generate(tmp_path / "n3000", 3000)
+    folder = cache / "n3000"
+    for name in ("collection.tsv", "queries.train.tsv", "qrels.train.tsv", "triples.train.small.tsv",
+                 "queries.dev.small.tsv", "qrels.dev.small.tsv"):
+        a, b = (folder / name).read_bytes(), (tmp_path / "n3000" / name).read_bytes()
+        assert hashlib.sha256(a).digest() == hashlib.sha256(b).digest(), name
+    assert meta["bytes"] == again["bytes"]
+    from retriever.data import Corpus, iter_triples, read_qrels, read_queries
+
+    corpus = Corpus(folder / "collection.tsv")
+    assert len(corpus) == 3000 and corpus.ids[0] == "0"
+    words = [len(corpus[i].text.split()) for i in range(0, 3000, 30)]
+    assert 25 <= sum(words) / len(words) <= 110  # MS MARCO passages average ~56 words
+    queries, qrels = read_queries(folder / "queries.train.tsv"), read_qrels(folder / "qrels.train.tsv")
+    assert len(queries) == meta["train_queries"] == len(qrels) and all(d in corpus for r in qrels.values() for d in r)
+    first = next(iter_triples(folder / "triples.train.small.tsv"))
+    assert first.query == queries["1000000"] and first.positives == [corpus.get(next(iter(qrels["1000000"]))).text]
+    assert (folder / "qrels.dev.small.tsv").read_text().split("\n")[0].split("\t")[1] == "0"  # qid 0 pid rel
+
+
+def test_growth_exponents():
+    res = [{"passages": 1000, "rows": [{"stage": "encode", "wall_s": 2.0, "peak_rss_mib": 500.0}]},
+           {"passages": 10000, "rows": [{"stage": "encode", "wall_s": 20.0, "peak_rss_mib": 500.0}]}]
+    assert sr.exponents(res) == [{"stage": "encode", "from": 1000, "to": 10000, "time_exponent": 1.0, "rss_exponent": 0.0}]
+    assert sr.nlist_for(100_000) == 1024 and sr.nlist_for(8_841_823) == 16384 and sr.nlist_for(3000) == 76
+
+
+def test_small_rehearsal_stays_within_the_memory_bound(cache, tmp_path):
+    result = sr.rehearse(5_000, cache, tmp_path / "work", steps=10, threads=1,
+                         stages={"read", "encode", "index-flat", "index-ivf", "mine", "train-inbatch", "eval"},
+                         timeout=300)
+    rows = {r["stage"]: r for r in result["rows"]}
+    assert set(rows) == {"read", "encode", "index-flat", "index-ivf", "mine", "train-inbatch", "eval"}
+    bound = 1.5 * result["emb_fp16_mib"] + result["model_mib"] + sr.CONSTANT_MIB
+    over = {s: r["peak_rss_mib"] for s, r in rows.items() if r["peak_rss_mib"] > bound}
+    assert not over, f"stages over the bound of {bound:.0f} MiB: {over}"
+    assert all(r["peak_rss_mib"] > 50 and r["wall_s"] > 0 for r in rows.values())  # the measurement saw the child
+    assert rows["encode"]["disk_mib"] >= result["emb_fp16_mib"]
+    assert (tmp_path / "work" / "eval").is_dir() and (tmp_path / "work" / "mined.jsonl").is_file()
