@@ -359,6 +359,36 @@ def _texts_or_ids(path, lineno, obj, key, corpus: Corpus | None) -> tuple[list[s
     return texts, ids
 
 
+def iter_jsonl_objects(path: Path, fh) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of an open JSONL handle; a line that is not one JSON
+    object is a :class:`DataError` naming the file and line."""
+    for lineno, line in enumerate(fh, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(path, lineno, f"malformed JSON ({exc.msg} at column {exc.colno})",
+                            "each line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise DataError(path, lineno, f"a JSON {type(obj).__name__}, not an object", "each line must be one JSON object")
+        yield lineno, obj
+
+
+def training_record_keys(path: Path, lineno: int, obj: dict) -> tuple[str, str, str]:
+    """The query text and the positive / negative keys of one FlagEmbedding or Tevatron training record."""
+    if "query" not in obj:
+        raise DataError(path, lineno, 'missing "query"', 'write {"query": "...", "pos": ["..."], "neg": ["..."]}')
+    pos_key = "pos" if "pos" in obj else "positive_passages"
+    neg_key = "neg" if "neg" in obj else "negative_passages"
+    if pos_key not in obj:
+        raise DataError(path, lineno, 'missing "pos"', 'add "pos": [positive passage texts or corpus ids]')
+    query = str(obj["query"]).strip()
+    if not query:
+        raise DataError(path, lineno, "empty query", "remove the line or give the query text")
+    return query, pos_key, neg_key
+
+
 def iter_training_jsonl(path: str | os.PathLike, corpus: Corpus | None = None) -> Iterator[TrainingExample]:
     """Hard-negative training JSONL.
 
@@ -368,22 +398,8 @@ def iter_training_jsonl(path: str | os.PathLike, corpus: Corpus | None = None) -
     """
     path = _require_file(Path(path), "training file")
     with open(path, "r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, lineno, f"malformed JSON ({exc.msg} at column {exc.colno})", "each line must be one JSON object") from None
-            if not isinstance(obj, dict) or "query" not in obj:
-                raise DataError(path, lineno, 'missing "query"', 'write {"query": "...", "pos": ["..."], "neg": ["..."]}')
-            pos_key = "pos" if "pos" in obj else "positive_passages"
-            neg_key = "neg" if "neg" in obj else "negative_passages"
-            if pos_key not in obj:
-                raise DataError(path, lineno, 'missing "pos"', 'add "pos": [positive passage texts or corpus ids]')
-            query = str(obj["query"]).strip()
-            if not query:
-                raise DataError(path, lineno, "empty query", "remove the line or give the query text")
+        for lineno, obj in iter_jsonl_objects(path, fh):
+            query, pos_key, neg_key = training_record_keys(path, lineno, obj)
             pos, pos_ids = _texts_or_ids(path, lineno, obj, pos_key, corpus)
             if not pos:
                 raise DataError(path, lineno, "no positives", "every training query needs at least one positive")

@@ -15,14 +15,14 @@ a 503k-query JSONL with corpus ids expanded to texts ~11 GB). Every source here 
 
 from __future__ import annotations
 
-import json
 from array import array
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from retriever.data import Corpus, DataError, TrainingExample, _require_file
+from retriever.data import (Corpus, DataError, TrainingExample, _require_file, iter_jsonl_objects,
+                            training_record_keys)
 from retriever.offset_index import CorpusIds, line_offsets
 
 
@@ -253,24 +253,10 @@ def table_from_jsonl(path, corpus: Corpus | None = None, limit: int | None = Non
     path = _require_file(Path(path), "training file")
     b = ExampleTableBuilder(corpus)
     with open_text(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
+        for lineno, obj in iter_jsonl_objects(path, fh):
             if limit is not None and len(b) >= limit:
                 break
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, lineno, f"malformed JSON ({exc.msg} at column {exc.colno})", "each line must be one JSON object") from None
-            if not isinstance(obj, dict) or "query" not in obj:
-                raise DataError(path, lineno, 'missing "query"', 'write {"query": "...", "pos": ["..."], "neg": ["..."]}')
-            pos_key = "pos" if "pos" in obj else "positive_passages"
-            neg_key = "neg" if "neg" in obj else "negative_passages"
-            if pos_key not in obj:
-                raise DataError(path, lineno, 'missing "pos"', 'add "pos": [positive passage texts or corpus ids]')
-            query = str(obj["query"]).strip()
-            if not query:
-                raise DataError(path, lineno, "empty query", "remove the line or give the query text")
+            query, pos_key, neg_key = training_record_keys(path, lineno, obj)
             pos = _refs(b, path, lineno, obj, pos_key, corpus)
             if not pos:
                 raise DataError(path, lineno, "no positives", "every training query needs at least one positive")

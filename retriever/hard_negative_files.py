@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from retriever.data import Corpus, DataError, _require_file
+from retriever.data import Corpus, DataError, _require_file, iter_jsonl_objects
 from retriever.example_table import ExampleTable, ExampleTableBuilder, open_text
 
 __all__ = ["StHardNegatives", "open_text", "is_st_hard_negatives", "iter_st_hard_negatives",
@@ -56,14 +56,8 @@ def is_st_hard_negatives(path: str | os.PathLike) -> bool:
 def iter_st_hard_negatives(path: str | os.PathLike) -> Iterator[StHardNegatives]:
     path = _require_file(Path(path), "hard-negatives file")
     with open_text(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, lineno, f"malformed JSON ({exc.msg} at column {exc.colno})", "each line must be one JSON object") from None
-            if not isinstance(obj, dict) or "qid" not in obj or "pos" not in obj:
+        for lineno, obj in iter_jsonl_objects(path, fh):
+            if "qid" not in obj or "pos" not in obj:
                 raise DataError(path, lineno, 'expected {"qid": ..., "pos": [...], "neg": {system: [...]}}',
                                 "this reader is for sentence-transformers' msmarco-hard-negatives.jsonl.gz")
             neg = obj.get("neg") or {}

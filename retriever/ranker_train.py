@@ -31,14 +31,14 @@ import torch
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from retriever.checkpoint import Position, list_checkpoints, load_position, load_trainer_state, rng_state, save_checkpoint
+from retriever.checkpoint import Position, load_position, load_trainer_state, rng_state, save_checkpoint
 from retriever.config import (PATH_KEYS, ConfigError, DataConfig, TrainingConfig, _resolve_paths, _Strict,
                               _unknown_message, apply_overrides)
 from retriever.data import TrainingExample, write_jsonl_atomic
-from retriever.distributed import average_gradients, barrier, gather_objects, init_distributed, mean_across
+from retriever.distributed import average_gradients, barrier, gather_objects, mean_across
 from retriever.io import write_text_atomic
 from retriever.losses.listwise_ranker import ListwiseRankerLoss
-from retriever.modeling import autocast, bf16_supported
+from retriever.modeling import autocast
 from retriever.ranker import Ranker
 from retriever.train_data import epoch_order, load_examples, split_dev
 
@@ -302,21 +302,11 @@ class RankerTrainer:
     def __init__(self, config: RankerConfig, output_dir: str | Path, resume: bool = False):
         from transformers import get_linear_schedule_with_warmup
 
-        from retriever.trainer import _param_groups, seed_everything
+        from retriever.trainer import _param_groups, start_run
 
         self.config, self.output_dir = config, Path(output_dir)
         t = config.training
-        self.dist = init_distributed()
-        if t.num_threads:
-            torch.set_num_threads(t.num_threads)
-        self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
-        self.bf16 = bf16_supported(self.device) if t.bf16 == "auto" else t.bf16
-        existing = list_checkpoints(self.output_dir)
-        if existing and not resume:
-            raise ValueError(f"{self.output_dir} already holds checkpoints; pass --resume to continue that run "
-                             "or choose a new --output")
-        self.resume_from = existing[-1] if resume and existing else None
-        seed_everything(t.seed + self.dist.rank)
+        self.dist, self.device, self.bf16, self.resume_from = start_run(t, self.output_dir, resume)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         examples = attach_negatives(config, load_examples(config.data), self.output_dir, self.dist.is_main)
         train, dev = split_dev(examples, config.data.dev_fraction, config.data.dev_seed)

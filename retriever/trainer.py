@@ -51,22 +51,28 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def start_run(t, output_dir: Path, resume: bool):
+    """What every trainer (bi-encoder, ranker) does first: the process group, threads, device, bf16, the
+    checkpoint to resume from (refusing to train over one without ``--resume``) and the per-rank seed.
+    Returns ``(dist, device, bf16, resume_from)``."""
+    dist = init_distributed()
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+    bf16 = bf16_supported(device) if t.bf16 == "auto" else t.bf16
+    existing = list_checkpoints(output_dir)
+    if existing and not resume:
+        raise ValueError(f"{output_dir} already holds checkpoints; pass --resume to continue that run "
+                         "or choose a new --output")
+    seed_everything(t.seed + dist.rank)
+    return dist, device, bf16, (existing[-1] if resume and existing else None)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, output_dir: str | Path, resume: bool = False):
         self.config, self.output_dir = config, Path(output_dir)
         t = config.training
-        self.dist = init_distributed()
-        if t.num_threads:
-            torch.set_num_threads(t.num_threads)
-        self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
-        self.bf16 = bf16_supported(self.device) if t.bf16 == "auto" else t.bf16
-        existing = list_checkpoints(self.output_dir)
-        if existing and not resume:
-            raise ValueError(f"{self.output_dir} already holds checkpoints; pass --resume to continue that run "
-                             "or choose a new --output")
-        self.resume_from = existing[-1] if resume and existing else None
-
-        seed_everything(t.seed + self.dist.rank)
+        self.dist, self.device, self.bf16, self.resume_from = start_run(t, self.output_dir, resume)
         self.train_examples, self.dev_examples = split_dev(load_examples(config.data), config.data.dev_fraction,
                                                            config.data.dev_seed)
         self.global_batch = t.batch_size * self.dist.world_size
