@@ -66,3 +66,37 @@ class ProgressDisplay:
 
 
 NO_PROGRESS = ProgressDisplay(enabled=False)
+
+
+class StepBar:
+    """The training loops' display: the same rich columns as a stage, started at ``initial`` (a resumed
+    run), with the latest loss beside it. Takes tqdm's ``update`` / ``set_postfix`` / ``close`` calls."""
+
+    def __init__(self, description: str, total: int, initial: int = 0, unit: str = "steps", enabled: bool = True):
+        self._progress = self._task = None
+        self._description = description
+        if not enabled or total <= 0:
+            return
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _rate_column(unit),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        self._progress = Progress(*columns, console=Console(stderr=True))
+        self._task = self._progress.add_task(description, total=total, completed=initial)
+        self._progress.start()
+
+    def update(self, n: int = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+    def set_postfix(self, **values) -> None:
+        if self._progress is not None:
+            info = " ".join(f"{k} {v}" for k, v in values.items())
+            self._progress.update(self._task, description=f"{self._description} ({info})")
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

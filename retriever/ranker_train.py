@@ -449,12 +449,12 @@ class RankerTrainer:
         return position.step
 
     def run(self) -> Path:
-        from tqdm.auto import tqdm
+        from retriever.progress import StepBar
 
         t = self.config.training
         start = self._start()
         groups_per_step = self.global_batch * t.gradient_accumulation_steps
-        bar = tqdm(total=self.total_steps, initial=start, desc="train-ranker", unit="step", disable=not self.dist.is_main)
+        bar = StepBar("train-ranker", self.total_steps, initial=start, enabled=self.dist.is_main)
         began = window_start = time.perf_counter()
         window: list[float] = []
         log = open(self.output_dir / LOG_FILE, "a") if self.dist.is_main else None

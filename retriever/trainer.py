@@ -208,12 +208,12 @@ class Trainer:
         write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def run(self) -> Path:
-        from tqdm.auto import tqdm
+        from retriever.progress import StepBar
 
         t = self.config.training
         start = self._start()
         pairs_per_step = self.global_batch * t.gradient_accumulation_steps
-        bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", disable=not self.dist.is_main)
+        bar = StepBar("train", self.total_steps, initial=start, enabled=self.dist.is_main)
         began = window_start = time.perf_counter()
         window_losses: list[float] = []
         log = open(self.output_dir / LOG_FILE, "a") if self.dist.is_main else None
@@ -228,7 +228,7 @@ class Trainer:
                            "lr": self.scheduler.get_last_lr()[0],
                            "pairs_per_s": pairs_per_step * len(window_losses) / (now - window_start),
                            "elapsed": now - began, "bf16": self.bf16, **self.strategy.log_metrics()}
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.1f}")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", pairs_per_s=f"{row['pairs_per_s']:.1f}")
                     if log:
                         log.write(json.dumps(row) + "\n")
                         log.flush()

@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 from _eval_data import write_toy_beir
 
 # libraries' tqdm bars ("Loading weights: 100%|███| 103/103 [00:00<00:00, 4.1it/s]", "Writing model shards",
-# sentence-transformers' "Batches", hub downloads) and hub retry warnings; tqdm's default unit is "it"
+# sentence-transformers' "Batches", hub downloads) and hub retry warnings; tqdm's default unit is "it", and
+# "NN%|" is the left edge of any tqdm bar (negatron's own loops use the rich display)
 THIRD_PARTY = re.compile(r"Loading weights|Writing model shards|Batches:|Fetching \d+ files|Downloading|Retrying in|"
-                         r"huggingface_hub|it/s\]")
+                         r"huggingface_hub|it/s\]|\d+%\|")
 PLACEHOLDER = re.compile(r"<output>|<dataset>|<[a-z_]+>/")
 
 
@@ -51,6 +52,7 @@ def test_quickstart_output_is_readable(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     _assert_clean(result.output)
     assert "4/4  fine-tuned evaluation" in result.output
+    assert re.search(r"train \(loss [0-9.]+ pairs_per_s [0-9.]+\) .* 2/2 ", result.output)  # ends at its total
     assert len(re.findall(r"encode \+ search corpus .* 60/60 ", result.output)) == 2  # zero-shot and fine-tuned
     assert str(tmp_path / "run" / "quickstart.json") in result.output.replace("\n", "")
 
