@@ -33,6 +33,16 @@ def open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, "r", encoding="utf-8")
 
 
+def _position(key, n: int, what: str) -> int:
+    """``key`` as a position in ``range(n)`` (negative counts from the end), or an IndexError."""
+    i = int(key)
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"{what} {key} out of range for {n}")
+    return i
+
+
 class StringPacker:
     """Appends strings into one bytearray + an int64 end per string (no Python object per string)."""
 
@@ -123,12 +133,7 @@ class ExampleTable(Sequence[TrainingExample]):
     def __getitem__(self, key):  # type: ignore[override]
         if isinstance(key, slice):
             return ExampleView(self, np.arange(len(self))[key])
-        i = int(key)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"example {key} out of range for {len(self)}")
-        return self._one(i)
+        return self._one(_position(key, len(self), "example"))
 
     def nbytes(self) -> int:
         """Bytes held by the table's arrays (what a list of texts would have cost is the comparison)."""
@@ -298,11 +303,7 @@ class TriplesFile(Sequence[TrainingExample]):
     def __getitem__(self, key):  # type: ignore[override]
         if isinstance(key, slice):
             return ExampleView(self, np.arange(len(self))[key])
-        i = int(key)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"triple {key} out of range for {len(self)}")
+        i = _position(key, len(self), "triple")
         parts = self._line(i).decode("utf-8", errors="replace").rstrip("\r\n").split("\t")
         if len(parts) != 3:
             raise DataError(self.path, self._lineno(i), f"expected 3 tab-separated columns, found {len(parts)}",
@@ -353,9 +354,7 @@ class HFExamples(Sequence[TrainingExample]):
     def __getitem__(self, key):  # type: ignore[override]
         if isinstance(key, slice):
             return ExampleView(self, np.arange(len(self))[key])
-        i = int(key)
-        if i < 0:
-            i += len(self)
+        i = _position(key, len(self), "row")
         return _hf_row(self.ds[i], i)
 
 
