@@ -1,7 +1,7 @@
 """Negative-strategy ablation on SciFact at equal budget: train on train minus a dev carve-out, select on
 dev, report test.
 
-Every arm fine-tunes all-MiniLM-L6-v2 for one epoch of SciFact train minus a 10 % dev carve-out (the
+Every arm fine-tunes all-MiniLM-L6-v2 for one epoch of SciFact train minus a 20 % dev carve-out (``--dev-fraction``; the
 same steps and batch size, 32, lr 2e-5) once per seed. Each trained model encodes the full 5,183-document
 corpus once; the held-out train queries (dev: used to pick the best recipe) and the official test
 queries (reported, never used for a choice) are scored from that one encoding (nDCG@10, MRR@10,
@@ -37,7 +37,7 @@ from retriever.io import write_text_atomic
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = ROOT.parent / "shared" / "data" / "beir" / "scifact"
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-DEV_FRACTION, DEV_SEED, BATCH, LR = 0.1, 0, 32, 2e-5
+DEV_FRACTION, DEV_SEED, BATCH, LR = 0.2, 0, 32, 2e-5  # DEV_FRACTION: --dev-fraction (the runs before issue #12's gap study used 0.1)
 
 def _bf16() -> bool:
     """bf16 autocast only where the hardware has it: emulated bf16 on a CPU without AVX512-BF16/AMX is
@@ -81,8 +81,9 @@ def split():
     return split_dev(load_examples(cfg), DEV_FRACTION, DEV_SEED)
 
 
-def evaluate(model_dir: str, dev) -> dict:
-    """{"dev": metrics, "test": metrics} from one encoding of the corpus by ``model_dir``."""
+def evaluate(model_dir: str, dev, with_test: bool = True) -> dict:
+    """{"dev": metrics, "test": metrics} from one encoding of the corpus by ``model_dir``; without
+    ``with_test`` (``--dev-only``) the test queries are neither encoded nor scored."""
     from eval.beir import dense_search
     from eval.metrics import compute_metrics, run_from_arrays
     from retriever.data import load_beir
@@ -90,14 +91,14 @@ def evaluate(model_dir: str, dev) -> dict:
 
     test = load_beir(SCIFACT, "test")
     dev_queries = {f"dev:{ex.query_id}": ex.query for ex in dev}
-    test_queries = {f"test:{q}": test.queries[q] for q in test.qrels}
+    test_queries = {f"test:{q}": test.queries[q] for q in test.qrels} if with_test else {}
     qids = list(dev_queries) + list(test_queries)
     texts = [dev_queries.get(q) or test_queries[q] for q in qids]
     scores, rows, doc_ids = dense_search(BiEncoder.from_pretrained(model_dir), test.corpus, texts, k=100, bf16=BF16)
     run = run_from_arrays(qids, doc_ids, scores, rows)
     qrels = {"dev": {f"dev:{ex.query_id}": {d: 1 for d in ex.positive_ids} for ex in dev},
-             "test": {f"test:{q}": judged for q, judged in test.qrels.items()}}
-    return {split: compute_metrics(judged, run, metrics=METRICS)[0] for split, judged in qrels.items()}
+             "test": {f"test:{q}": judged for q, judged in test.qrels.items()} if with_test else None}
+    return {split: compute_metrics(judged, run, metrics=METRICS)[0] for split, judged in qrels.items() if judged}
 
 
 def bm25_mined(work: Path, train_examples) -> Path:
@@ -153,21 +154,21 @@ def st_mnrl(work: Path, train_examples, seed: int, lr: float = LR, name: str = "
     return out
 
 
-def variant_tag(lr: float | None, epochs: int | None, star_lr: float | None = None) -> str:
+def variant_tag(lr: float | None, epochs: int | None, star_lr: float | None = None, rows: str | None = None) -> str:
     """``""`` for an arm's own settings, else e.g. ``"@lr=0.0001"`` or ``"@lr=0.0001,epochs=2,star_lr=5e-05"``."""
     parts = ([f"lr={lr:g}"] if lr is not None else []) + ([f"epochs={epochs}"] if epochs is not None else []) \
-        + ([f"star_lr={star_lr:g}"] if star_lr is not None else [])
+        + ([f"star_lr={star_lr:g}"] if star_lr is not None else []) + ([f"rows={rows}"] if rows is not None else [])
     return "@" + ",".join(parts) if parts else ""
 
 
 def run_arm(arm: str, work: Path, train_examples, seed: int, lr: float | None = None,
-            epochs: int | None = None, star_lr: float | None = None) -> tuple[str, float]:
+            epochs: int | None = None, star_lr: float | None = None, rows: str | None = None) -> tuple[str, float]:
     """Train one arm with one seed under ``work``; returns (model folder, training seconds). ``lr`` and
     ``epochs`` replace the arm's learning rate and epochs (ADORE's stage in star-adore); ``star_lr`` is the
     rate of star-adore's STAR stage, whose model is the ``star`` arm's at that rate. A variant gets its own
     run folder."""
     t0 = time.perf_counter()
-    tag = variant_tag(lr, epochs, star_lr)
+    tag = variant_tag(lr, epochs, star_lr, rows)
 
     def cfg(strategy, options=None, **kw):
         if lr is not None and strategy != "star":
@@ -182,7 +183,10 @@ def run_arm(arm: str, work: Path, train_examples, seed: int, lr: float | None = 
     if arm == "st-mnrl":
         path = st_mnrl(work, train_examples, seed, lr or LR, name=arm + tag, epochs=epochs or 1)
     elif arm == "inbatch":
-        path = train(cfg("inbatch"), work / (arm + tag))
+        inbatch = cfg("inbatch")
+        if rows is not None:  # data.rows (issue #12): per_query (the trainer's default) or per_pair
+            inbatch["data"]["rows"] = rows
+        path = train(inbatch, work / (arm + tag))
     elif arm == "bm25":
         mined = bm25_mined(work.parent, train_examples)  # BM25 is deterministic: shared by the seeds
         data = {"jsonl": str(mined), "corpus": str(SCIFACT / "corpus.jsonl")}  # already the train split
@@ -281,35 +285,46 @@ def _overrides(pairs: list[str], flag: str, kind=float) -> dict:
 
 
 def main() -> None:
+    global DEV_FRACTION
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--lr", nargs="+", default=[], metavar="ARM=VALUE", help="a learning-rate variant of an arm")
     parser.add_argument("--epochs", nargs="+", default=[], metavar="ARM=N", help="an epochs variant of an arm")
     parser.add_argument("--star-lr", type=float, help="star-adore: the STAR stage's learning rate")
-    parser.add_argument("--dev-only", action="store_true", help="record dev figures only (for tuning)")
+    parser.add_argument("--rows", choices=["per_query", "per_pair"],
+                        help="inbatch: the trainer's data.rows (default: the config default, per_query)")
+    parser.add_argument("--dev-only", action="store_true", help="record dev figures only (for tuning); test is not scored")
+    parser.add_argument("--dev-fraction", type=float, default=DEV_FRACTION,
+                        help="share of SciFact train held out as dev, the same for every arm (default %(default)s; "
+                             "a --work folder holds runs of one fraction only)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "ablation.md")
     args = parser.parse_args()
+    DEV_FRACTION = args.dev_fraction
     lrs, epochs = _overrides(args.lr, "--lr"), _overrides(args.epochs, "--epochs", int)
     args.work.mkdir(parents=True, exist_ok=True)
     results_path = args.work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    other = {r.get("dev_fraction", 0.1) for r in results.values()} - {DEV_FRACTION}
+    if other:  # the saved models and dev figures of another carve-out would be reused or mixed in
+        raise SystemExit(f"{args.work} holds runs with dev fraction {sorted(other)}, not {DEV_FRACTION}: "
+                         "use another --work")
     train_examples, dev = split()
     for arm in args.arms:
         lr, n_epochs = lrs.get(arm), epochs.get(arm)
         for seed in ([0] if arm == "zero-shot" else args.seeds):
             star_lr = args.star_lr if arm == "star-adore" else None
-            key = f"{arm}{variant_tag(lr, n_epochs, star_lr)}/{seed}"
+            rows = args.rows if arm == "inbatch" else None
+            key = f"{arm}{variant_tag(lr, n_epochs, star_lr, rows)}/{seed}"
             if key in results and ("test" in results[key] or args.dev_only):
                 continue
-            model_dir, seconds = run_arm(arm, args.work / f"seed-{seed}", train_examples, seed, lr, n_epochs, star_lr)
+            model_dir, seconds = run_arm(arm, args.work / f"seed-{seed}", train_examples, seed, lr, n_epochs, star_lr, rows)
             if key in results:  # tuned on dev earlier: keep that run's training time
                 seconds = results[key]["train_s"]
-            scores = evaluate(model_dir, dev)
-            if args.dev_only:
-                scores.pop("test")
-            results[key] = {**scores, "seed": seed, "train_s": seconds, "model": model_dir}
+            scores = evaluate(model_dir, dev, with_test=not args.dev_only)
+            results[key] = {**scores, "seed": seed, "train_s": seconds, "model": model_dir,
+                            "dev_fraction": DEV_FRACTION}
             write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
             write_report(results, args.output)
             print(key, json.dumps({s: results[key][s] for s in ("dev", "test") if s in results[key]}), flush=True)

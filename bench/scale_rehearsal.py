@@ -38,6 +38,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -53,6 +54,8 @@ CONSTANT_MIB = 1024
 TRAIN_QUERIES_PER_PASSAGE = 502_939 / 8_841_823
 DEV_QUERIES_PER_PASSAGE = 6_980 / 8_841_823
 TRIPLES_PER_QUERY = 10
+DEFAULT_STAGES = {"read", "encode", "index-flat", "index-ivf", "mine", "train-inbatch", "train-triples", "train-star",
+                  "train-adore", "train-ance", "eval", "serve"}
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -192,32 +195,41 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+class PeakRSS:
+    """Polls a process tree's RSS every 50 ms in a thread (never below the root's own ``VmHWM``)."""
+
+    def __init__(self, pid: int):
+        self.pid, self.bytes, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.bytes = max(self.bytes, _tree_rss_bytes(self.pid), _own_hwm_bytes(self.pid))
+            self._stop.wait(0.05)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.bytes
+
+
 def run_stage(name: str, cmd: list[str], outputs: list[Path], env: dict, log: Path, timeout: float | None = None) -> dict:
     """Run one stage in a child process; wall time, peak process-tree RSS, disk of its outputs."""
     started = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        peak = [0]
-        stop = threading.Event()
-
-        def poll():
-            while not stop.is_set():
-                peak[0] = max(peak[0], _tree_rss_bytes(proc.pid), _own_hwm_bytes(proc.pid))
-                stop.wait(0.05)
-
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
+        peak = PeakRSS(proc.pid)
         try:
             _, status, _ = os.wait4(proc.pid, 0) if timeout is None else _wait4_timeout(proc, timeout)
         finally:
-            stop.set()
-            poller.join()
+            peak.stop()
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"stage {name} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n{tail}")
-    return {"stage": name, "wall_s": round(wall, 2), "peak_rss_mib": round(peak[0] / 2**20, 1),
+    return {"stage": name, "wall_s": round(wall, 2), "peak_rss_mib": round(peak.bytes / 2**20, 1),
             "disk_mib": round(sum(_du(p) for p in outputs) / 2**20, 2)}
 
 
@@ -264,8 +276,24 @@ def nlist_for(n: int) -> int:
     return max(1, min(nlist, n // 39))
 
 
+def _encode_cmd(model: Path, corpus: Path, emb: Path, threads: int, ranks: int) -> list[str]:
+    """``negatron encode``, or with ``ranks`` > 1 the same command under torchrun (each rank its shards,
+    ``threads // ranks`` threads each: two 1-thread ranks keep two cores busier than one 2-thread process)."""
+    args = ["encode", "--model", model, "--corpus", corpus, "--output", emb, "--batch-size", 256, "--overwrite",
+            "--backend", "torch"]
+    if ranks <= 1:
+        return _cli(*args)
+    bin_dir = Path(sys.executable).parent
+    per_rank = max(1, threads // ranks)
+    return ["env", f"OMP_NUM_THREADS={per_rank}", f"MKL_NUM_THREADS={per_rank}", str(bin_dir / "torchrun"),
+            "--standalone", f"--nproc-per-node={ranks}", "-m", "retriever.cli", *map(str, args)]
+
+
 def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: bool = False,
-             stages: set[str] | None = None, timeout: float | None = None) -> dict:
+             stages: Sequence[str] | None = None, timeout: float | None = None, encode_ranks: int = 1,
+             mine_limit: int | None = None) -> dict:
+    """Run ``stages`` (default :data:`DEFAULT_STAGES`, in plan order; a list given runs in its own order)
+    on ``n`` passages."""
     data = cache / f"n{n}"
     t = time.perf_counter()
     meta = generate(data, n)
@@ -278,39 +306,53 @@ def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: boo
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     shutil.rmtree(work / "negatron-cache", ignore_errors=True)  # the read stage times a cold offset index
-    want = stages or {"read", "encode", "index-flat", "index-ivf", "mine", "train-inbatch", "train-triples", "eval"}
+    want = stages or DEFAULT_STAGES
     nlist = nlist_for(n)
     gpu_flag = "yes" if gpu else "no"
     emb, ix_flat, ix_ivf = work / "emb", work / "ix-flat", work / "ix-ivf"
+    mine_queries = data / "queries.train.tsv"
+    if mine_limit:  # a slice of the training queries (the row says how many); mining time is linear in them
+        mine_queries = work / f"queries.train.first{mine_limit}.tsv"
+        with open(data / "queries.train.tsv", encoding="utf-8") as src, open(mine_queries, "w", encoding="utf-8") as dst:
+            dst.writelines(line for _, line in zip(range(mine_limit), src))
+    qrels_data = {"qrels": data / "qrels.train.tsv", "queries": data / "queries.train.tsv",
+                  "collection": data / "collection.tsv"}
     plan = [
         ("read", [sys.executable, "-c", _READ_SCRIPT, data], [work / "negatron-cache"]),
-        ("encode", _cli("encode", "--model", model, "--corpus", data / "collection.tsv", "--output", emb,
-                        "--batch-size", 256, "--overwrite", "--backend", "torch"), [emb]),
+        ("encode", _encode_cmd(model, data / "collection.tsv", emb, threads, encode_ranks), [emb]),
         ("index-flat", _cli("index", "build", "--embeddings", emb, "--output", ix_flat, "--factory", "Flat",
                             "--gpu", gpu_flag), [ix_flat]),
         ("index-ivf", _cli("index", "build", "--embeddings", emb, "--output", ix_ivf, "--factory", f"IVF{nlist},Flat",
                            "--nprobe", 32, "--gpu", gpu_flag), [ix_ivf]),
-        ("mine", _cli("mine", "--queries", data / "queries.train.tsv", "--qrels", data / "qrels.train.tsv",
+        ("mine", _cli("mine", "--queries", mine_queries, "--qrels", data / "qrels.train.tsv",
                       "--corpus", data / "collection.tsv", "--index", ix_ivf, "--model", model,
                       "--output", work / "mined.jsonl", "--k", 100, "--range-min", 10, "--range-max", 100,
                       "--num-negatives", 5, "--backend", "torch"), [work / "mined.jsonl"]),
-        ("train-inbatch", _train_cmd(work, model, "inbatch", steps, threads,
-                                     {"qrels": data / "qrels.train.tsv", "queries": data / "queries.train.tsv",
-                                      "collection": data / "collection.tsv"}), [work / "run-inbatch"]),
+        ("train-inbatch", _train_cmd(work, model, "inbatch", steps, threads, qrels_data), [work / "run-inbatch"]),
         ("train-triples", _train_cmd(work, model, "hard", steps, threads, {"triples": data / "triples.train.small.tsv"}),
          [work / "run-hard"]),
+        *[(f"train-{name}", _train_cmd(work, model, name, steps, threads, qrels_data, options), [work / f"run-{name}"])
+          for name, options in _strategy_options(steps).items()],
         ("eval", _cli("eval", "msmarco", "--model", model, "--collection", data / "collection.tsv",
                       "--queries", data / "queries.dev.small.tsv", "--qrels", data / "qrels.dev.small.tsv",
                       "--index", ix_flat, "--k", 1000, "--output", work / "eval"), [work / "eval"]),
     ]
     rows = []
-    for name, cmd, outputs in plan:
-        if name not in want:
-            continue
+    by_name = {name: (name, cmd, outputs) for name, cmd, outputs in plan}
+    ordered = [step for step in plan if step[0] in want] if stages is None or isinstance(stages, set) \
+        else [by_name[name] for name in stages if name in by_name]
+    for name, cmd, outputs in ordered:
         for out in outputs:
             if out.is_dir() and name != "read":
                 shutil.rmtree(out)
         row = run_stage(name, cmd, outputs, env, work / f"{name}.log", timeout=timeout)
+        row["passages"] = n
+        if name == "mine":
+            row["queries"] = sum(1 for _ in open(mine_queries, encoding="utf-8"))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if "serve" in want:
+        row = run_serve_stage(work, model, data, ix_ivf, env)
         row["passages"] = n
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -324,19 +366,117 @@ def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: boo
             "emb_fp16_mib": round(emb_fp16_mib, 2), "nlist": nlist, "rows": rows}
 
 
-def _train_cmd(work: Path, model: Path, strategy: str, steps: int, threads: int, data: dict) -> list[str]:
+def _train_cmd(work: Path, model: Path, strategy: str, steps: int, threads: int, data: dict,
+               options: dict | None = None, name: str | None = None) -> list[str]:
     import yaml
 
+    name = name or strategy
     config = {
         "model": {"name": str(model), "query_max_length": 32, "doc_max_length": 128},
         "data": {k: str(v) for k, v in data.items()},
-        "negatives": {"strategy": strategy, **({"options": {"per_query": 1}} if strategy == "hard" else {})},
+        "negatives": {"strategy": strategy, **({"options": options} if options else {})},
         "training": {"learning_rate": 1e-4, "batch_size": 32, "max_steps": steps, "warmup_ratio": 0.1,
                      "bf16": False, "seed": 42, "log_every": 50, "num_threads": threads},
     }
-    path = work / f"train-{strategy}.yaml"
+    path = work / f"train-{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    return _cli("train", "--config", path, "--output", work / f"run-{strategy}")
+    return _cli("train", "--config", path, "--output", work / f"run-{name}")
+
+
+# The index-backed strategies at scale: each encodes the corpus itself (STAR's warm-up mining, ADORE's
+# frozen document index, ANCE's first index and one refresh inside the stage), with the default
+# ``negatives.options.index`` (factory auto: Flat below 1M documents, IVF,SQfp16 from there on).
+def _strategy_options(steps: int) -> dict[str, dict]:
+    return {
+        "star": {"hard_per_query": 1, "random_per_query": 1, "range_max": 100},
+        "adore": {"k": 100, "encode_batch_size": 256},
+        "ance": {"k": 100, "refresh_every": max(1, steps // 2), "wait_for_refresh": True, "encode_batch_size": 256},
+    }
+
+
+_SERVE_LOAD_SCRIPT = """
+import json, sys, threading, time
+import numpy as np
+from mining.client import MiningClient
+url, queries_path, clients, requests = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+queries = [line.split('\t', 1)[1].strip() for line in open(queries_path, encoding='utf-8')][:20000]
+lat, versions, failures, during = [], [], [], [0]
+refreshing = threading.Event()
+with MiningClient(url, timeout=600) as admin:
+    deadline = time.monotonic() + 900
+    while True:
+        try:
+            admin.health(); break
+        except Exception:
+            if time.monotonic() > deadline: raise SystemExit('server did not start')
+            time.sleep(0.5)
+    def loop(worker):
+        rng = np.random.default_rng(worker)
+        with MiningClient(url, timeout=600) as c:
+            for _ in range(requests):
+                t = time.perf_counter()
+                try:
+                    [r] = c.mine([queries[int(rng.integers(len(queries)))]], k=50, range_min=5, num_negatives=5)
+                except Exception as exc:
+                    failures.append(repr(exc)); continue
+                lat.append(time.perf_counter() - t); versions.append(r.version)
+                if refreshing.is_set(): during[0] += 1
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    for t in threads: t.start()
+    time.sleep(1.0)
+    admin.refresh(); refreshing.set(); t0 = time.perf_counter(); refresh_s = None
+    while refresh_s is None or any(t.is_alive() for t in threads):
+        st = admin.status()
+        if refresh_s is None and not st['refresh_in_progress'] and st['version'] >= 2:
+            refresh_s = time.perf_counter() - t0; refreshing.clear()
+        if time.monotonic() > deadline + 3600: break
+        time.sleep(0.2)
+    for t in threads: t.join()
+    final = admin.status()
+ms = np.asarray(lat) * 1000
+print(json.dumps({'answered': len(lat), 'failed': len(failures), 'failures_sample': failures[:3],
+                  'answered_during_refresh': during[0], 'refresh_s': round(refresh_s or -1, 1),
+                  'final_version': final['version'], 'versions': sorted(set(versions)),
+                  'p50_ms': round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
+                  'p99_ms': round(float(np.percentile(ms, 99)), 1) if len(ms) else None}))
+sys.exit(0 if not failures and final['version'] >= 2 else 1)
+"""
+
+
+def run_serve_stage(work: Path, model: Path, data: Path, index: Path, env: dict, clients: int = 4,
+                    requests: int = 200) -> dict:
+    """``negatron serve`` under load from ``clients`` concurrent clients while one refresh re-encodes the
+    corpus, rebuilds and swaps: the server's peak RSS (its process tree) and the load's latencies."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    versions = work / "serve-versions"
+    shutil.rmtree(versions, ignore_errors=True)
+    server_log = open(work / "serve-server.log", "w")
+    server = subprocess.Popen(_cli("serve", "--index", index, "--model", model, "--corpus", data / "collection.tsv",
+                                   "--port", port, "--work-dir", versions),
+                              stdout=server_log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    peak = PeakRSS(server.pid)
+    started = time.perf_counter()
+    try:
+        load = subprocess.run([sys.executable, "-c", _SERVE_LOAD_SCRIPT, f"http://127.0.0.1:{port}",
+                               data / "queries.train.tsv", str(clients), str(requests)],
+                              capture_output=True, text=True, env=env, cwd=ROOT)
+    finally:
+        peak.stop()
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        server_log.close()
+    if load.returncode != 0:
+        raise RuntimeError(f"stage serve failed: {load.stdout[-2000:]}{load.stderr[-2000:]}")
+    stats = json.loads(load.stdout.strip().splitlines()[-1])
+    return {"stage": "serve + refresh under load", "wall_s": round(time.perf_counter() - started, 2),
+            "peak_rss_mib": round(peak.bytes / 2**20, 1), "disk_mib": round(_du(versions) / 2**20, 2), **stats}
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -387,7 +527,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=None, help="generated data + tiny model (default $NEGATRON_CACHE_DIR/scale-rehearsal)")
     ap.add_argument("--work", type=Path, default=None, help="stage outputs (default a temp folder, deleted)")
-    ap.add_argument("--stages", nargs="+", default=None)
+    ap.add_argument("--stages", nargs="+", default=None, help=f"subset of {sorted(DEFAULT_STAGES)}")
+    ap.add_argument("--mine-queries", type=int, default=None, help="mine only the first N training queries")
+    ap.add_argument("--encode-ranks", type=int, default=1, help="run the encode stage under torchrun with this many ranks")
     ap.add_argument("--gpu", action="store_true", help="let stages see the GPU (faiss GPU builds, CUDA encode)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -398,7 +540,7 @@ def main(argv=None) -> int:
     try:
         for n in args.sizes:
             results.append(rehearse(n, cache, work_root / f"n{n}", args.steps, args.threads, args.gpu,
-                                    set(args.stages) if args.stages else None))
+                                    args.stages, encode_ranks=args.encode_ranks, mine_limit=args.mine_queries))
     finally:
         if args.work is None:
             shutil.rmtree(work_root, ignore_errors=True)

@@ -30,8 +30,11 @@ def load_model(model, **overrides):
 
 
 def dense_search(model, corpus, query_texts: Sequence[str], k: int, batch_size: int | None = None, bf16: bool | None = None,
-                 index_dir=None, timings: dict | None = None, progress=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                 index_dir=None, timings: dict | None = None, progress=None) -> tuple[np.ndarray, np.ndarray, Sequence[str]]:
     """(scores, rows, doc_ids) of the exact top-``k`` for each query.
+
+    ``doc_ids`` is the row -> id sequence of the corpus or index (memory-mapped, never a Python list of
+    every id: ~0.6 GB at MS MARCO's 8.8M passages); index it with the returned rows.
 
     Without ``index_dir`` the corpus is encoded ``ENCODE_BLOCK`` documents at a time and each block
     is merged into a running top-k, so only one block of embeddings is ever held. With it, a
@@ -54,7 +57,7 @@ def dense_search(model, corpus, query_texts: Sequence[str], k: int, batch_size: 
         index = DenseIndex.load(index_dir, expect_dim=model.dim, expect_model=model)
         scores, rows = index.search(q_emb, k)
         timings["search_s"] = time.perf_counter() - start
-        return np.asarray(scores), np.asarray(rows), list(index.ids)
+        return np.asarray(scores), np.asarray(rows), index.ids  # memory-mapped: only returned rows are decoded
     top = TopK(q_emb, k)
     encode_s = search_s = 0.0
     with progress.stage("encode + search corpus", len(corpus), "docs") as bar:

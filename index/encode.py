@@ -24,6 +24,7 @@ import numpy as np
 from retriever.data import Corpus, DataError
 from retriever.modeling import bf16_supported  # noqa: F401  (re-exported for callers of index.encode)
 from retriever.io import atomic_write, write_text_atomic
+from retriever.memory import release_freed_memory
 
 from index.openvino_backend import resolve_backend
 from index.store import FORMAT_VERSION, IDS, MANIFEST, EmbeddingStore, shard_name
@@ -199,6 +200,8 @@ def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, b
             emb = _encode(model, texts, "document", batch_size, bf16, progress, backend).astype(dtype, copy=False)
             with atomic_write(out / shard_name(i)) as fh:
                 np.save(fh, emb)
+            del texts, emb
+            release_freed_memory()  # hand the shard's freed heap back before the next one piles on it
     seconds = time.perf_counter() - started
     if todo:
         logger.info("encoded %d shards in %.1fs", len(todo), seconds)

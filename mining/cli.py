@@ -50,7 +50,7 @@ def mine_command(
     seed: int = typer.Option(42, "--seed", help="seed for --sampling random"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="encoding batch size (default: 16 on CPU, 128 on GPU)"),
     query_batch_size: int = typer.Option(256, "--query-batch-size", help="queries searched per chunk (bounds memory)"),
-    device: Optional[str] = typer.Option(None, "--device", help="torch device for the models (default cpu)"),
+    device: Optional[str] = typer.Option(None, "--device", help="torch device for the models (default: cuda:<LOCAL_RANK> when CUDA is available, else cpu)"),
     fp32: bool = typer.Option(False, "--fp32", help="encode in fp32 instead of bf16 autocast"),
     backend: str = typer.Option("auto", "--backend", help="inference backend for every encoding of this run: auto (OpenVINO for bf16 on CPUs when installed), torch or openvino"),
 ) -> None:
@@ -77,8 +77,11 @@ def mine_command(
         scorer, scorer_kind = scorer[len("ranker:"):], ScorerType.ranker.value
         if not scorer:
             _fail("--scorer ranker:R needs the ranker folder after `ranker:`")
+    from mining.service import default_device
+
+    device = device or default_device()
     try:
-        resolve_backend(backend, device or "cpu", not fp32)
+        resolve_backend(backend, device, not fp32)
     except (ValueError, ImportError) as exc:
         _fail(str(exc))
     with encode_backend(backend):  # the corpus, the queries and any scorer encode alike
@@ -129,12 +132,11 @@ def _dense_retriever(index: Path, model: str, docs, training, device, batch_size
     import time
 
     from index.faiss_index import DenseIndex
-    from mining.miner import DenseRetriever, DocEmbeddingLookup
+    from mining.miner import DenseRetriever, StoreEmbeddingLookup
     from retriever.modeling import BiEncoder
 
     bi = BiEncoder.from_pretrained(model)
-    if device:
-        bi.to(device)
+    bi.to(device)
     store = None
     if not index.exists():
         from index.encode import encode_corpus
@@ -155,8 +157,10 @@ def _dense_retriever(index: Path, model: str, docs, training, device, batch_size
               "pass the corpus the index was built from")
     if store is None:
         store = _store_of(index)
-    wanted = [d for q in training for d in q.positive_ids]
-    lookup = DocEmbeddingLookup.from_store(store, wanted) if store is not None and wanted else None
+    lookup = None
+    if store is not None and any(q.positive_ids for q in training):
+        # read on demand from the memory-mapped shards: nothing per training query is gathered up front
+        lookup = StoreEmbeddingLookup(store, docs) if store.count == len(docs) else None
     return DenseRetriever(dense, bi, batch_size=batch_size, bf16=bf16, doc_lookup=lookup)
 
 
@@ -194,7 +198,7 @@ def serve_command(
     refresh_every: Optional[float] = typer.Option(None, "--refresh-every", help="also re-encode every N minutes"),
     host: str = typer.Option("127.0.0.1", "--host", help="interface to bind"),
     port: int = typer.Option(8765, "--port", help="TCP port"),
-    device: Optional[str] = typer.Option(None, "--device", help="torch device for encoding, e.g. cuda:1"),
+    device: Optional[str] = typer.Option(None, "--device", help="torch device for encoding, e.g. cuda:1 (default: cuda:<LOCAL_RANK> when CUDA is available, else cpu)"),
     split: str = typer.Option("train", "--split", help="qrels split of a BEIR --corpus (positives for query ids)"),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="where refreshed index versions go (default <index>.versions)"),
     poll_seconds: float = typer.Option(10.0, "--poll-seconds", help="how often --watch is checked"),

@@ -144,7 +144,7 @@ def filter_candidates(
         result.dropped[name] += int(hit.sum())
         alive[hit] = False
 
-    excluded = np.fromiter((d in exclude_ids for d in doc_ids), dtype=bool, count=n)
+    excluded = np.fromiter((d in exclude_ids for d in doc_ids), dtype=bool, count=n) if exclude_ids else np.zeros(n, bool)
     if exclude_texts:
         if texts is None:  # silently skipping the text test let duplicates of a positive through
             raise ValueError("exclude_texts needs the candidates' texts (pass texts=)")

@@ -58,14 +58,27 @@ class MiningConfig:
 
 
 # --------------------------------------------------------------------------- training queries
-@dataclass
+@dataclass(slots=True)
 class TrainingQuery:
-    """A query to mine for: positives by corpus id (qrels) and/or by text (training files)."""
+    """A query to mine for: positives by corpus id (qrels) and/or by text (training files).
+
+    ``positive_texts=None`` means "the texts of ``positive_ids`` in the corpus": :func:`mine` reads them
+    one chunk of queries at a time (:func:`with_positive_texts`), so 503k MS MARCO train queries do not
+    each hold their positive passages in memory for the whole run.
+    """
 
     query_id: str
     text: str
     positive_ids: list[str] = field(default_factory=list)
-    positive_texts: list[str] = field(default_factory=list)
+    positive_texts: list[str] | None = field(default_factory=list)
+
+
+def with_positive_texts(query: TrainingQuery, corpus: Corpus) -> TrainingQuery:
+    """``query`` with its positives' texts, read from ``corpus`` when they were left to it (None)."""
+    if query.positive_texts is not None:
+        return query
+    return TrainingQuery(query.query_id, query.text, query.positive_ids,
+                         corpus.texts(corpus.row(d) for d in query.positive_ids))
 
 
 def load_training_queries(data: str | os.PathLike, *, split: str = "train", qrels: str | os.PathLike | None = None,
@@ -86,7 +99,9 @@ def load_training_queries(data: str | os.PathLike, *, split: str = "train", qrel
         for qid, judged in beir.qrels.items():
             pos = [d for d, g in judged.items() if g >= min_relevance]
             if pos and qid in beir.queries:
-                out.append(TrainingQuery(qid, beir.queries[qid], pos, [beir.corpus.get(d).full_text for d in pos]))
+                # texts read per mined chunk (with_positive_texts); from the corpus the index was built over
+                texts = None if docs is beir.corpus else [beir.corpus.get(d).full_text for d in pos]
+                out.append(TrainingQuery(qid, beir.queries[qid], pos, texts))
         return out, docs
     if corpus is None:
         raise DataError(data, None, "no corpus to mine from", "pass --corpus (a corpus.jsonl or collection.tsv)")
@@ -116,7 +131,7 @@ def load_training_queries(data: str | os.PathLike, *, split: str = "train", qrel
             raise DataError(qrels, None, f"query {qid!r} judges document ids {missing[:3]} that are not in {docs.path}",
                             "pass the corpus these qrels refer to")
         if pos:
-            out.append(TrainingQuery(qid, queries[qid], pos, [docs.get(d).full_text for d in pos]))
+            out.append(TrainingQuery(qid, queries[qid], pos, None))  # texts read per mined chunk
     if not out:
         raise DataError(qrels, None, f"no judged query of {data} has a positive", "check that the qrels and queries files match")
     return out, docs
@@ -164,6 +179,38 @@ class Retriever(Protocol):
     def positive_scores(self, queries: Sequence[TrainingQuery], hits: list[tuple[list[str], np.ndarray]]) -> list[list[float]]: ...
 
 
+class RowIds(Sequence):
+    """A query's retrieved index rows, read as document ids on demand: most candidates are only filtered
+    (by row and text) and never need their id string (100 id reads a query were a third of mining time)."""
+
+    def __init__(self, rows: np.ndarray, source: Sequence[str]):
+        self.rows, self.source = np.asarray(rows, dtype=np.int64), source
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return RowIds(self.rows[i], self.source)
+        return self.source[int(self.rows[i])]
+
+
+_ALIGNED: dict[tuple[int, int], bool] = {}
+
+
+def _rows_are_corpus_rows(hits: Sequence[str], corpus: Corpus) -> bool:
+    """Whether ``hits`` carries index rows that are ``corpus`` rows (the index was encoded from this corpus,
+    in its order): same size and the same ids at a few spread rows. Checked once per (index, corpus)."""
+    source = getattr(hits, "source", None)
+    if source is None:
+        return False
+    key = (id(source), id(corpus))
+    if key not in _ALIGNED:
+        n = len(corpus)
+        _ALIGNED[key] = len(source) == n and all(str(source[r]) == str(corpus.ids[r]) for r in {0, n // 2, n - 1} if n)
+    return _ALIGNED[key]
+
+
 class DenseRetriever:
     """A FAISS index (``index.faiss_index.DenseIndex`` or anything with ``search(emb, k)`` and ``ids``)
     plus the bi-encoder that built it.
@@ -179,7 +226,8 @@ class DenseRetriever:
                  doc_lookup: "DocEmbeddingLookup | None" = None):
         self.index, self.model, self.batch_size, self.bf16 = index, model, batch_size, bf16
         self.doc_lookup = doc_lookup
-        self._ids = list(index.ids)
+        # index.ids stays the index's memory-mapped sequence: only the returned rows become strings (a list
+        # of MS MARCO's 8.8M ids would cost ~0.6 GB)
         self._query_emb: np.ndarray | None = None
         # a cosine index normalises at search time: score positives the same way
         self._cosine = (getattr(index, "manifest", None) or {}).get("metric") == "cosine"
@@ -190,10 +238,11 @@ class DenseRetriever:
         if self._cosine:
             self._query_emb = _unit(self._query_emb)
         scores, rows = self.index.search(self._query_emb, k)
+        ids = self.index.ids
         out = []
         for srow, rrow in zip(scores, rows):
             valid = rrow >= 0  # FAISS pads with -1 when the index has fewer than k vectors
-            out.append(([self._ids[r] for r in rrow[valid]], np.asarray(srow[valid], dtype=np.float32)))
+            out.append((RowIds(rrow[valid], ids), np.asarray(srow[valid], dtype=np.float32)))
         return out
 
     def positive_scores(self, queries, hits):
@@ -222,8 +271,38 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+class StoreEmbeddingLookup:
+    """Document embeddings by id read on demand from an ``index.store.EmbeddingStore`` (memory-mapped
+    shards) through the corpus's id -> row map: nothing is gathered up front, so memory does not grow
+    with the number of training queries (gathering every positive of MS MARCO's 503k queries as float32
+    costs ~1.6 GB at 768-d). The store must hold the corpus's rows in corpus order, as
+    ``index.encode.encode_corpus`` writes them; each lookup checks the stored id."""
+
+    def __init__(self, store, corpus: Corpus):
+        if store.count != len(corpus):
+            raise ValueError(f"the embeddings hold {store.count:,} rows but the corpus {corpus.path} has {len(corpus):,}")
+        self.store, self.corpus = store, corpus
+
+    def _row(self, doc_id: str) -> int | None:
+        try:
+            row = self.corpus.row(doc_id)
+        except KeyError:
+            return None
+        return row if self.store.ids[row] == doc_id else None
+
+    def __contains__(self, doc_id: str) -> bool:
+        return self._row(doc_id) is not None
+
+    def get(self, doc_ids: Sequence[str]) -> np.ndarray:
+        rows = [self._row(d) for d in doc_ids]
+        if any(r is None for r in rows):
+            raise KeyError(f"document ids {[d for d, r in zip(doc_ids, rows) if r is None][:3]} are not in the embeddings")
+        return self.store.gather(rows, dtype=np.float32)
+
+
 class DocEmbeddingLookup:
-    """Document embeddings by id, for positive scores."""
+    """Document embeddings by id, for positive scores, held in memory (small sets; for a whole training
+    set use :class:`StoreEmbeddingLookup`, which reads rows on demand)."""
 
     def __init__(self, ids: Sequence[str], embeddings: np.ndarray):
         self._row = {d: i for i, d in enumerate(ids)}
@@ -331,7 +410,7 @@ def mine(queries: Sequence[TrainingQuery], corpus: Corpus, retriever: Retriever,
 
         starts = tqdm(starts, desc="mine", unit="chunk")
     for start in starts:
-        chunk = queries[start:start + config.query_batch_size]
+        chunk = [with_positive_texts(q, corpus) for q in queries[start:start + config.query_batch_size]]
         t0 = time.perf_counter()
         hits = retriever.search(chunk, config.k)
         pos_scores = retriever.positive_scores(chunk, hits)
@@ -374,11 +453,18 @@ def _prescore(chunk, hits, pos_scores, corpus: Corpus, config: MiningConfig, sco
 def _filter(q: TrainingQuery, ids: list[str], scores: np.ndarray, q_pos: list[float], corpus: Corpus,
             config: MiningConfig, scorer_fn):
     needs_texts = bool(q.positive_texts)  # every query: a duplicate of a positive under another id is no negative
-    texts = corpus.texts(corpus.row(d) for d in ids[:config.range_max]) if needs_texts else None
     window = ids[:config.range_max]  # ranks beyond the window can never be kept; skip their bookkeeping
+    exclude_ids, exclude_mask = set(q.positive_ids), None
+    if _rows_are_corpus_rows(window, corpus):  # dense hits: compare rows, read texts by row, no id strings
+        positive_rows = [corpus.row(d) for d in q.positive_ids if d in corpus]
+        exclude_ids, exclude_mask = set(), np.isin(window.rows, positive_rows)
+        texts = corpus.texts(window.rows) if needs_texts else None
+    else:
+        texts = corpus.texts(corpus.row(d) for d in window) if needs_texts else None
     return filter_candidates(
         window, scores[:config.range_max],
-        exclude_ids=set(q.positive_ids), exclude_texts={t.strip() for t in q.positive_texts}, texts=texts,
+        exclude_ids=exclude_ids, exclude_mask=exclude_mask, exclude_texts={t.strip() for t in q.positive_texts},
+        texts=texts,
         range_min=config.range_min, range_max=config.range_max,
         pos_score=min(q_pos) if q_pos else None, relative_margin=config.relative_margin,
         absolute_margin=config.absolute_margin, scorer=scorer_fn, scorer_threshold=config.scorer_threshold,

@@ -7,10 +7,24 @@ reference; a request reads that reference once, so it is answered entirely from 
 fails because of a refresh, and reports which version answered. Files of superseded versions are
 deleted (the in-memory index stays alive for requests still using it); the starting index folder
 belongs to the user and is never deleted.
+
+Memory during a refresh (issue #13): one full index in private memory plus what the build needs. When a
+refresh starts, the serving version (a CPU index whose file is on disk) is re-opened memory-mapped from
+its ``index.faiss`` (FAISS ``IO_FLAG_MMAP_IFC``/``IO_FLAG_MMAP``) and swapped in under the same version
+number, so its private copy is released while requests go on being answered from page-cache pages the
+kernel can evict; the new version is built in memory from the memory-mapped float16 embedding shards and
+served as built (never written and then read back as a second copy). A GPU index stays on its GPU while
+the next one is built, so old and new coexist in GPU memory (float16: 6.8 GB each at 8.8M x 384); the
+host holds only the transient CPU copy FAISS needs to write the file.
+
+Device: the encoder runs on ``device``, default ``cuda:<LOCAL_RANK>`` when CUDA is available, else the
+CPU. ``k`` is capped by the serving index's ``max_k`` (2,048 on a GPU FAISS index): a larger ``k`` is a
+400 naming the limit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import re
@@ -161,6 +175,44 @@ def _step_of(path: str | Path) -> int | None:
     return None
 
 
+def default_device() -> str:
+    """``cuda:<LOCAL_RANK>`` when CUDA is available (the rank's own GPU under torchrun), else ``cpu``."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % max(torch.cuda.device_count(), 1)}"
+    return "cpu"
+
+
+def memory_mapped_copy(dense):
+    """``dense`` re-opened from its own ``index.faiss`` memory-mapped (file-backed pages, not private
+    memory), or None when it cannot be (a GPU index, no file, a file that no longer matches)."""
+    import faiss
+
+    from index.faiss_index import INDEX_FILE, DenseIndex
+
+    if getattr(dense, "memory_mapped", False):
+        return dense
+    if getattr(dense, "_on_gpu", True) or getattr(dense, "folder", None) is None:
+        return None
+    path = Path(dense.folder) / INDEX_FILE
+    expected = (dense.manifest or {}).get("index_bytes")
+    if not path.is_file() or (expected is not None and path.stat().st_size != int(expected)):
+        return None
+    for flag in (faiss.IO_FLAG_MMAP_IFC, faiss.IO_FLAG_MMAP):
+        try:
+            index = faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:
+            continue
+        if index.ntotal == dense.count and index.d == dense.dim:
+            mapped = DenseIndex(index, dense.ids, dict(dense.manifest), dense.folder)
+            mapped.memory_mapped = True
+            return mapped
+    return None
+
+
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -184,7 +236,8 @@ class MiningService:
 
         from retriever.modeling import BiEncoder
 
-        self.device, self.batch_size, self.bf16 = device, batch_size, bf16
+        self.device = device or default_device()
+        self.batch_size, self.bf16 = batch_size, bf16
         self.watch_dir = Path(watch_dir) if watch_dir else None
         self.refresh_every = refresh_every
         self.poll_seconds = poll_seconds
@@ -196,13 +249,16 @@ class MiningService:
             bi, model_path = model, str(getattr(model, "name", None) or "")
         else:
             bi, model_path = BiEncoder.from_pretrained(model), str(model)
-        if device:
-            bi.to(device)
+        bi.to(self.device)
         dense = DenseIndex.load(index_dir, expect_dim=bi.dim)
         if self.corpus is not None and len(self.corpus) != dense.count:
             raise MiningRequestError(f"the corpus has {len(self.corpus):,} documents but the index {index_dir} holds "
                                      f"{dense.count:,}: pass the corpus the index was built from")
-        self._factory = str((dense.manifest or {}).get("factory", "Flat"))
+        manifest = dense.manifest or {}
+        # a refresh rebuilds with the settings the served index was built with (`negatron index build`'s)
+        self._build_settings = {"factory": str(manifest.get("factory", "Flat")), "metric": manifest.get("metric", "ip"),
+                                "nprobe": manifest.get("nprobe"), "ef_search": manifest.get("ef_search"),
+                                "train_sample": manifest.get("train_sample") or None}
         if first_version < 1:
             raise ValueError(f"first_version must be >= 1, got {first_version}")
         # first_version > 1: a resumed trainer continues its numbering (its logs name versions)
@@ -252,6 +308,8 @@ class MiningService:
             "last_error": self._last_error,
             "watch_dir": str(self.watch_dir) if self.watch_dir else None,
             "refresh_every_minutes": self.refresh_every,
+            "max_k": getattr(cur.index, "max_k", None),
+            "device": self.device,
         }
 
     @property
@@ -279,7 +337,8 @@ class MiningService:
         wants_margin = req.relative_margin is not None or req.absolute_margin is not None
         max_k = getattr(state.index, "max_k", None)  # GPU FAISS returns at most 2,048 hits a query
         if max_k is not None and req.k > max_k:
-            raise MiningRequestError(f"k={req.k} is more than this service's GPU index returns; ask for k <= {max_k}")
+            raise MiningRequestError(f"k={req.k} is more than this service's index returns per query (max_k={max_k}, "
+                                     f"the GPU FAISS limit); ask for k <= {max_k}")
         if wants_margin and not any(positives):
             raise MiningRequestError("a margin filter needs positives: give positive_ids, or query_ids with qrels")
         with state.encode_lock:  # HF fast tokenizers are not safe to share across threads
@@ -420,8 +479,10 @@ class MiningService:
 
         from retriever.modeling import BiEncoder
 
-        old = self._current
+        old = self._current  # read its fields only: holding it would keep its index alive through the build
         model_path = str(checkpoint_path) if checkpoint_path is not None else old.model_path
+        old_step = old.checkpoint_step
+        del old
         if not model_path:
             raise MiningRequestError("the service was given a model object, so a refresh needs checkpoint_path")
         version = max(self._versions_seen) + 1
@@ -429,13 +490,15 @@ class MiningService:
         shutil.rmtree(folder, ignore_errors=True)  # leftover of a crashed build
         t0 = time.perf_counter()
         model = BiEncoder.from_pretrained(model_path)
-        if self.device:
-            model.to(self.device)
+        model.to(self.device)
         store = encode_corpus(model, self.corpus, folder / "embeddings", batch_size=self.batch_size, bf16=self.bf16,
                               show_progress=False, distributed=False)
-        DenseIndex.build(store, folder / "index", factory=self._factory, metric="ip", distributed=False)
-        dense = DenseIndex.load(folder / "index", expect_dim=model.dim)
-        step = _step_of(model_path) if checkpoint_path is not None else old.checkpoint_step
+        self._serve_from_disk()  # the old version's private copy goes before the new one is built
+        # built from the memory-mapped float16 shards and served as built: no second read of the written file
+        dense = DenseIndex.build(store, folder / "index", distributed=False, **self._build_settings)
+        if dense.dim != model.dim:
+            raise MiningRequestError(f"the rebuilt index holds {dense.dim}-d vectors but the model produces {model.dim}-d")
+        step = _step_of(model_path) if checkpoint_path is not None else old_step
         new = _IndexVersion(version, dense, model, model_path, step, folder, True, time.time())
         with self._lock:
             self._versions_seen.add(version)
@@ -444,6 +507,18 @@ class MiningService:
             self._last_refresh = time.time()
         logger.info("index version %d (step %s) built in %.1f s", version, step, time.perf_counter() - t0)
         self._cleanup(keep=folder)
+
+    def _serve_from_disk(self) -> None:
+        """Swap the serving version for the same index memory-mapped from its file (same version number,
+        same answers), so a refresh holds one full index in private memory: the one it builds."""
+        cur = self._current
+        mapped = memory_mapped_copy(cur.index)
+        if mapped is None or mapped is cur.index:
+            return
+        with self._lock:
+            if self._current is cur:
+                self._current = dataclasses.replace(cur, index=mapped)
+        logger.info("serving version %d memory-mapped from %s while the next version is built", cur.version, cur.folder)
 
     def _cleanup(self, keep: Path) -> None:
         if not self.work_dir.is_dir():

@@ -65,6 +65,10 @@ class DataConfig(_Strict):
     max_examples: int | None = Field(None, gt=0)
     dev_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     dev_seed: int = 0
+    rows: Literal["per_query", "per_pair"] = Field(
+        "per_query", description="what one training row is: per_query, one query with one of its positives drawn "
+                                 "at random each epoch; per_pair, one (query, positive) pair, so an epoch trains "
+                                 "every positive once (sentence-transformers' layout; not with tasb)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -153,6 +157,9 @@ class EvaluationConfig(_Strict):
     early_stopping_patience: int | None = Field(None, gt=0)
     keep_best: bool = True
     k: int = Field(100, gt=0, description="documents retrieved per dev query")
+    sub_collection: int | None = Field(None, gt=0, description="score on a fixed sub-collection: the dev queries' "
+                                       "judged documents + this many corpus documents sampled once (seed 0); "
+                                       "None: the whole corpus at every evaluation")
 
     @model_validator(mode="after")
     def _has_something_to_score(self) -> "EvaluationConfig":
@@ -176,6 +183,17 @@ class TrainConfig(_Strict):
         ev = self.evaluation
         if ev is not None and ev.held_out_dev and (self.data.beir is None or self.data.dev_fraction == 0):
             raise ValueError("evaluation.held_out_dev needs a data.beir source and data.dev_fraction > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _pair_rows_need_the_trainer_order(self) -> "TrainConfig":
+        """``data.rows: per_pair`` is refused where the strategy orders the epoch's queries itself (TAS-B's
+        topic batches are built from queries, not pairs)."""
+        from retriever.negatives import get_strategy
+
+        if self.data.rows == "per_pair" and get_strategy(self.negatives.strategy).orders_epoch():
+            raise ValueError(f"data.rows: per_pair does not apply to negatives.strategy {self.negatives.strategy!r}, "
+                             "which builds each epoch's batches from queries; use data.rows: per_query")
         return self
 
     @model_validator(mode="after")

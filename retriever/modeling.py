@@ -7,8 +7,10 @@ negatron's document embeddings (``prompt_name="query"`` its query embeddings).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+from dataclasses import dataclass
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal, Sequence
@@ -29,6 +31,24 @@ Kind = Literal["query", "document"]
 _ST_POOLING = {"cls": "cls", "mean": "mean", "last-token": "lasttoken"}
 _FROM_ST_POOLING = {v: k for k, v in _ST_POOLING.items()}
 TOWER_FILE = "negatron.json"
+
+
+@dataclass
+class TokenColumns:
+    """Tokenised texts as flat int32 columns (``input_ids``, ``attention_mask``, ...) and the row
+    offsets into them: row ``i`` is ``columns[name][offsets[i]:offsets[i + 1]]``."""
+
+    columns: dict[str, np.ndarray]
+    offsets: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.lengths = np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+TRIM_EVERY_BATCHES = 64
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -224,7 +244,7 @@ class BiEncoder(nn.Module):
         prefix = self.query_prefix if kind == "query" else self.doc_prefix
         max_length = self.query_max_length if kind == "query" else self.doc_max_length
         enc = self._tokenize_compact([prefix + t for t in texts], max_length)
-        order = np.argsort([-len(ids) for ids in enc["input_ids"]], kind="stable")
+        order = np.argsort(-enc.lengths, kind="stable")
         tower = self.tower(kind)
         run = tower
         if resolve_backend(backend, device, bf16) == "openvino":
@@ -251,43 +271,58 @@ class BiEncoder(nn.Module):
                     out[idx] = emb.cpu().numpy()
                     if progress is not None:
                         progress.update(len(idx))
+                    if (start // batch_size) % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
+                        # batches of falling length leave freed gaps on the heap that glibc keeps resident;
+                        # without this a 100k-text call grew ~100 MiB a shard (an mmap threshold instead
+                        # made the tiny rehearsal model 1.7x slower)
+                        release_freed_memory(collect=False)
         finally:
             tower.train(was_training)
             if own_bar is not None:
                 own_bar.__exit__(None, None, None)
         return out
 
-    def _tokenize_compact(self, texts: list[str], max_length: int, chunk: int = 256) -> dict[str, list[np.ndarray]]:
-        """Token columns as one int32 array per text, tokenised ``chunk`` texts at a time: the tokenizer's
-        own output for all texts at once (Python lists, Rust encodings, allocator arenas) held 350 MiB
-        for SciFact's 5,183 documents against 21 MiB here, and would be gigabytes for a 100,000-document
-        shard."""
-        columns: dict[str, list[np.ndarray]] = {}
+    def _tokenize_compact(self, texts: list[str], max_length: int, chunk: int = 256) -> "TokenColumns":
+        """Token columns of ``texts`` packed into one flat int32 buffer per column plus row offsets,
+        tokenised ``chunk`` texts at a time. The tokenizer's own output for all texts at once (Python
+        lists, Rust encodings, allocator arenas) held 350 MiB for SciFact's 5,183 documents; one small
+        array per text (300k objects for a 100k-document shard) interleaved with each batch's tensors
+        on the heap and kept freed pages pinned, so a long encode grew shard after shard."""
+        parts: dict[str, list[np.ndarray]] = {}
+        lengths: list[np.ndarray] = []
         for start in range(0, len(texts), chunk):
             enc = self.tokenizer(texts[start:start + chunk], truncation=True, max_length=max_length)
+            lengths.append(np.fromiter((len(r) for r in enc["input_ids"]), dtype=np.int64, count=len(enc["input_ids"])))
             for name in ("input_ids", "attention_mask", "token_type_ids"):
                 if name in enc:
-                    columns.setdefault(name, []).extend(np.asarray(row, dtype=np.int32) for row in enc[name])
+                    parts.setdefault(name, []).append(np.fromiter(itertools.chain.from_iterable(enc[name]), dtype=np.int32))
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        if lengths:
+            np.cumsum(np.concatenate(lengths), out=offsets[1:])
+        columns = TokenColumns({name: np.concatenate(p) for name, p in parts.items()}, offsets)
+        del parts
         if len(texts) > chunk:
             release_freed_memory()
         return columns
 
-    def _pad(self, enc: dict[str, list[np.ndarray]], idx) -> dict[str, torch.Tensor]:
+    def _pad(self, enc: "TokenColumns", idx) -> dict[str, torch.Tensor]:
         """A padded batch of the rows ``idx`` (the tokenizer's padding side and pad values)."""
-        rows = [enc["input_ids"][i] for i in idx]
-        width = max(len(r) for r in rows)
+        idx = np.asarray(idx, dtype=np.int64)
+        starts, lens = enc.offsets[idx], enc.lengths[idx]
+        width = int(lens.max())
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
         values = {"input_ids": self.tokenizer.pad_token_id or 0, "attention_mask": 0,
                   "token_type_ids": getattr(self.tokenizer, "pad_token_type_id", 0)}
+        # flat positions of every real token, and where each lands in the [rows, width] batch
+        col = np.arange(width)[None, :]
+        valid = col < lens[:, None]
+        src = (starts[:, None] + col)[valid]
+        dst = (col + (width - lens[:, None]) if left else np.broadcast_to(col, valid.shape))[valid]
+        row = np.broadcast_to(np.arange(len(idx))[:, None], valid.shape)[valid]
         batch = {}
-        for name, column in enc.items():
-            arr = np.full((len(rows), width), values[name], dtype=np.int64)
-            for r, i in enumerate(idx):
-                seq = column[i]
-                if left:
-                    arr[r, width - len(seq):] = seq
-                else:
-                    arr[r, :len(seq)] = seq
+        for name, flat in enc.columns.items():
+            arr = np.full((len(idx), width), values[name], dtype=np.int64)
+            arr[row, dst] = flat[src]
             batch[name] = torch.from_numpy(arr)
         return batch
 

@@ -18,7 +18,8 @@ import torch
 
 from retriever.config import DataConfig
 from retriever.data import Corpus, TrainingExample, load_beir, load_hf_dataset, read_qrels, read_queries, write_jsonl_atomic
-from retriever.example_table import ExampleView, HFExamples, TriplesFile, table_from_jsonl, table_from_qrels
+from retriever.example_table import (ExampleTable, ExampleView, HFExamples, TriplesFile, table_from_jsonl,
+                                     table_from_qrels)
 from retriever.hard_negative_files import is_st_hard_negatives, table_from_st_hard_negatives
 from retriever.negatives import NegativeStrategy
 
@@ -80,6 +81,29 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def positive_counts(examples: Sequence[TrainingExample]) -> np.ndarray:
+    """Each example's number of positives, int64, without reading passage texts where the layout tells
+    (an example table's CSR pointers, one positive per triple); otherwise one pass over the examples."""
+    if isinstance(examples, ExampleView):
+        return positive_counts(examples.base)[examples.rows]
+    if isinstance(examples, ExampleTable):
+        return np.diff(examples.pos_ptr).astype(np.int64)
+    if isinstance(examples, TriplesFile):
+        return np.ones(len(examples), dtype=np.int64)
+    return np.fromiter((len(ex.positives) for ex in examples), dtype=np.int64, count=len(examples))
+
+
+def pair_rows(examples: Sequence[TrainingExample]) -> np.ndarray:
+    """``data.rows: per_pair``: one row per (query, positive) pair, as ``[n_pairs, 2]`` int64 of (example
+    index, positive index), example-major. A query with k positives is k rows of an epoch, each training
+    one of them (sentence-transformers' one row per pair), instead of one row whose positive is drawn at
+    random. 16 bytes a pair."""
+    counts = positive_counts(examples)
+    example = np.repeat(np.arange(len(examples), dtype=np.int64), counts)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.stack([example, np.arange(len(example), dtype=np.int64) - starts], axis=1)
+
+
 @dataclass
 class Batch:
     """One process's share of a global micro-batch."""
@@ -95,13 +119,16 @@ class BatchCollator:
     """Turns the global micro-batch's examples into this process's :class:`Batch`.
 
     The positive of each example and its hard negatives are drawn with an RNG seeded by
-    (seed, epoch, example index), so they do not depend on the process count or on a resume.
+    (seed, epoch, row index), so they do not depend on the process count or on a resume. ``indices`` are
+    the rows' indices (the examples' under ``data.rows: per_query``); ``positive_index``, when given (per_pair),
+    fixes each row's positive (an index into its ``positives``) instead of the draw.
     """
 
     def __init__(self, strategy: NegativeStrategy, seed: int, rank: int = 0, world_size: int = 1):
         self.strategy, self.seed, self.rank, self.world_size = strategy, seed, rank, world_size
 
-    def __call__(self, examples: Sequence[TrainingExample], indices: Sequence[int], epoch: int) -> Batch:
+    def __call__(self, examples: Sequence[TrainingExample], indices: Sequence[int], epoch: int,
+                 positive_index: Sequence[int] | None = None) -> Batch:
         if len(examples) % self.world_size:
             raise ValueError(f"a global batch of {len(examples)} does not split over {self.world_size} processes")
         per_rank = len(examples) // self.world_size
@@ -112,7 +139,9 @@ class BatchCollator:
             for i in rows:
                 rng = np.random.default_rng([self.seed, epoch, int(indices[i])])
                 ex = examples[i]
-                pick = int(rng.integers(len(ex.positives)))
+                pick = int(rng.integers(len(ex.positives)))  # drawn either way: the same stream for the negatives
+                if positive_index is not None:
+                    pick = int(positive_index[i])
                 positives.append(ex.positives[pick])
                 negatives.extend(self.strategy.negatives_given_positive(ex, pick, rng))
             shards.append((rows, positives + negatives))

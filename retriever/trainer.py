@@ -30,7 +30,7 @@ from retriever.losses import CONTRASTIVE_LOSSES
 from retriever.modeling import BiEncoder, bf16_supported
 from retriever.negatives import get_strategy
 from retriever.step import grad_cache_step, plain_step
-from retriever.train_data import BatchCollator, epoch_order, load_examples, split_dev, write_examples
+from retriever.train_data import BatchCollator, epoch_order, load_examples, pair_rows, split_dev, write_examples
 
 LOG_FILE = "train_log.jsonl"
 HELD_OUT_DEV_DIR = "held_out_dev"
@@ -75,10 +75,13 @@ class Trainer:
         self.dist, self.device, self.bf16, self.resume_from = start_run(t, self.output_dir, resume)
         self.train_examples, self.dev_examples = split_dev(load_examples(config.data), config.data.dev_fraction,
                                                            config.data.dev_seed)
+        # data.rows: per_pair trains every (query, positive) pair once an epoch; per_query: one row per query
+        self.pairs = pair_rows(self.train_examples) if config.data.rows == "per_pair" else None
+        self.num_rows = len(self.train_examples) if self.pairs is None else len(self.pairs)
         self.global_batch = t.batch_size * self.dist.world_size
-        self.steps_per_epoch = len(self.train_examples) // (self.global_batch * t.gradient_accumulation_steps)
+        self.steps_per_epoch = self.num_rows // (self.global_batch * t.gradient_accumulation_steps)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.train_examples)} training examples do not fill one step of "
+            raise ValueError(f"{self.num_rows} training rows ({config.data.rows}) do not fill one step of "
                              f"{self.global_batch} x {t.gradient_accumulation_steps}; lower training.batch_size")
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
 
@@ -113,7 +116,8 @@ class Trainer:
         if ev.held_out_dev:
             dev_sets.append({"name": "held-out-dev", "path": self.output_dir / HELD_OUT_DEV_DIR, "split": "dev"})
         return CheckpointScorer(dev_sets, metric=ev.metric, every_steps=ev.every_steps, keep_best=ev.keep_best,
-                                early_stopping_patience=ev.early_stopping_patience, k=ev.k, bf16=self.bf16)
+                                early_stopping_patience=ev.early_stopping_patience, k=ev.k, bf16=self.bf16,
+                                sub_collection=ev.sub_collection)
 
     def _write_held_out_dev(self) -> None:
         """The queries held out by ``data.dev_fraction`` as a BEIR folder over the training corpus, so the
@@ -147,17 +151,34 @@ class Trainer:
                                    bf16=self.bf16, scale=scale, dist_ctx=self.dist)
         return plain_step(self.model, batch, self.loss_fn, self.strategy, bf16=self.bf16, scale=scale, dist_ctx=self.dist)
 
+    def step_rows(self, step: int) -> np.ndarray:
+        """The global rows of optimizer step ``step`` (0-based), its micro-batches in order: indices into
+        ``train_examples`` (``data.rows: per_query``) or into ``pairs`` (per_pair)."""
+        t = self.config.training
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        order = self.strategy.epoch_order(self.num_rows, t.seed, epoch) if self.pairs is None else None
+        if order is None:
+            order = epoch_order(self.num_rows, t.seed, epoch)
+        span = t.gradient_accumulation_steps * self.global_batch
+        return order[in_epoch * span:(in_epoch + 1) * span]
+
+    def step_examples(self, step: int) -> list:
+        """The training examples of optimizer step ``step`` (a query trained on two of its positives
+        appears twice under per_pair)."""
+        rows = self.step_rows(step)
+        return [self.train_examples[int(i)] for i in (rows if self.pairs is None else self.pairs[rows, 0])]
+
     def _batches(self, step: int):
         """The micro-batches of optimizer step ``step`` (0-based) for this process."""
-        accum = self.config.training.gradient_accumulation_steps
-        epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        order = self.strategy.epoch_order(len(self.train_examples), self.config.training.seed, epoch)
-        if order is None:
-            order = epoch_order(len(self.train_examples), self.config.training.seed, epoch)
-        for micro in range(accum):
-            start = (in_epoch * accum + micro) * self.global_batch
-            rows = order[start:start + self.global_batch]
-            yield self.collator([self.train_examples[i] for i in rows], rows, epoch)
+        epoch = step // self.steps_per_epoch
+        rows = self.step_rows(step)
+        for start in range(0, len(rows), self.global_batch):
+            micro = rows[start:start + self.global_batch]
+            if self.pairs is None:
+                yield self.collator([self.train_examples[i] for i in micro], micro, epoch)
+            else:
+                example, positive = self.pairs[micro, 0], self.pairs[micro, 1]
+                yield self.collator([self.train_examples[int(i)] for i in example], micro, epoch, positive_index=positive)
 
     def train_step(self, step: int) -> float:
         """Optimizer step ``step`` (0-based): accumulate its micro-batches, average gradients across

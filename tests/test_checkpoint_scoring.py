@@ -74,3 +74,76 @@ def test_rejects_bad_settings(dev_set):
         CheckpointScorer([])
     with pytest.raises(ValueError, match="every_steps"):
         CheckpointScorer([{"path": str(dev_set)}], every_steps=0)
+
+
+# --------------------------------------------------------------------------- issue #13: sub-collection scoring
+def _big_dev_set(folder, n_docs=400, seed=0):
+    """A dev set whose corpus is mostly random filler around the toy dev set's documents."""
+    import random
+
+    from _eval_data import write_toy_beir
+
+    folder = write_toy_beir(folder, split="dev")
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta vectors index search ranking model query passage token river fox".split()
+    with open(folder / "corpus.jsonl", "a") as fh:
+        for i in range(n_docs):
+            fh.write(json.dumps({"_id": f"filler{i}", "title": "", "text": " ".join(rng.choices(words, k=12))}) + "\n")
+    return folder
+
+
+def test_sub_collection_scores_positives_plus_a_fixed_seeded_sample(two_models, tmp_path, monkeypatch):
+    """evaluation.sub_collection: each evaluation encodes the dev queries' judged documents plus the same
+    seeded sample of the corpus (not the whole corpus), and says so in the log line and metrics.json."""
+    import eval.beir as beir
+    from eval.checkpoint_scoring import CheckpointScorer, sub_collection_rows
+    from retriever.data import load_beir
+
+    dev = _big_dev_set(tmp_path / "dev")
+    data = load_beir(dev, "dev", check_ids=False)
+    rows = sub_collection_rows(data.corpus, data.qrels, 50, seed=0)
+    np.testing.assert_array_equal(rows, sub_collection_rows(data.corpus, data.qrels, 50, seed=0))
+    assert not np.array_equal(rows, sub_collection_rows(data.corpus, data.qrels, 50, seed=1))
+    judged = {d for docs in data.qrels.values() for d in docs if d in data.corpus}
+    assert judged <= {data.corpus.ids[int(r)] for r in rows} and 50 <= len(rows) <= 50 + len(judged)
+
+    encoded = []
+    real = beir.encode_texts
+    monkeypatch.setattr(beir, "encode_texts", lambda m, texts, kind, *a, **kw: (
+        encoded.append((kind, len(texts))), real(m, texts, kind, *a, **kw))[1])
+    (_, _, best), (_, _, worse) = two_models
+    scorer = CheckpointScorer([{"name": "big", "path": str(dev), "split": "dev"}], every_steps=10, sub_collection=50)
+    first = scorer.score(best, 10, tmp_path / "run")
+    second = scorer.score(worse, 20, tmp_path / "run")
+    docs = sum(n for kind, n in encoded if kind == "document")
+    assert docs == 2 * len(rows) < 2 * len(data.corpus)  # never the whole corpus
+    for line in (first, second):
+        assert line["collection"] == "sub-collection"
+        info = line["sub_collection"]["big"]
+        assert info["docs"] == len(rows) and info["corpus_docs"] == len(data.corpus) and info["sample"] == 50
+    saved = json.loads((tmp_path / "run" / "eval" / "step-10" / dev.name / "metrics.json").read_text())
+    assert saved["collection"] == "sub-collection" and saved["num_docs"] == len(rows) and saved["seed"] == 0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "checkpoint_eval.jsonl").read_text().splitlines()]
+    assert [entry["collection"] for entry in logged] == ["sub-collection"] * 2
+
+
+def test_sub_collection_covering_the_corpus_equals_full_scoring(two_models, dev_set, tmp_path):
+    """A sample as large as the corpus is the corpus: the same metrics as the full evaluation."""
+    from eval.checkpoint_scoring import CheckpointScorer
+
+    (_, _, best), _ = two_models
+    full = CheckpointScorer([{"name": "toy", "path": str(dev_set), "split": "dev"}]).score(best, 10, tmp_path / "a")
+    sub = CheckpointScorer([{"name": "toy", "path": str(dev_set), "split": "dev"}],
+                           sub_collection=10_000).score(best, 10, tmp_path / "b")
+    assert full["collection"] == "full" and sub["collection"] == "sub-collection"
+    for name, value in full["eval"]["toy"].items():
+        assert sub["eval"]["toy"][name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_sub_collection_config_key():
+    from retriever.config import EvaluationConfig
+
+    ev = EvaluationConfig(dev_sets=[{"path": "x"}], sub_collection=100_000)
+    assert ev.sub_collection == 100_000 and EvaluationConfig(dev_sets=[{"path": "x"}]).sub_collection is None
+    with pytest.raises(ValueError):
+        EvaluationConfig(dev_sets=[{"path": "x"}], sub_collection=0)

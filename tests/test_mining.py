@@ -183,3 +183,102 @@ def test_scifact_train_slice_with_minilm(scifact, minilm_path, tmp_path):
         found_at_top += min(m.positive_scores) > 0.3  # MiniLM scores SciFact positives well above noise
     assert found_at_top >= 25
     assert stats.negatives >= 100 and stats.dropped["margin"] > 0
+
+
+# --------------------------------------------------------------------------- issue #13: memory at MS MARCO scale
+class _NoCopyIds:
+    """An index's ids that refuse to be copied whole (``list(ids)``): only row lookups are allowed."""
+
+    def __init__(self, ids):
+        self._ids = ids
+
+    def __len__(self):
+        return len(self._ids)
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            raise AssertionError("slice of the whole id sequence")
+        return self._ids[row]
+
+    def __iter__(self):
+        raise AssertionError("the index's ids were copied into a list")
+
+
+class _NoCopyIndex:
+    def __init__(self, index):
+        self._index, self.ids, self.manifest = index, _NoCopyIds(index.ids), index.manifest
+
+    def search(self, emb, k):
+        return self._index.search(emb, k)
+
+
+def test_dense_retriever_maps_only_returned_rows_to_ids(setup):
+    """DenseRetriever used to copy every id of the index into a list (~0.6 GB at MS MARCO's 8.8M)."""
+    plain, _, config = _run(setup)
+    retriever = DenseRetriever(_NoCopyIndex(setup["index"]), setup["model"], bf16=False, doc_lookup=setup["lookup"])
+    mined = list(mine(setup["queries"], setup["corpus"], retriever, config))
+    assert [m.negative_ids for m in mined] == [m.negative_ids for m in plain]
+    assert [m.negative_scores for m in mined] == [m.negative_scores for m in plain]
+
+
+def test_qrels_queries_read_positive_texts_per_chunk(setup, tmp_path):
+    """Queries from qrels keep positive ids only; mine() reads their texts a chunk at a time, and the rows
+    (pos texts, text-duplicate exclusion, positive scores) are what eagerly loaded texts gave."""
+    from mining.miner import with_positive_texts
+
+    corpus = setup["corpus"]
+    queries, _ = load_training_queries(setup["data"], split="train")
+    assert all(q.positive_texts is None for q in queries)
+    eager = [with_positive_texts(q, corpus) for q in queries]
+    assert all(q.positive_texts == [corpus.get(d).full_text for d in q.positive_ids] for q in eager)
+    config = MiningConfig(k=40, range_min=2, range_max=30, num_negatives=4, query_batch_size=5)
+    retriever = DenseRetriever(setup["index"], setup["model"], bf16=False, doc_lookup=setup["lookup"])
+    lazy_rows = [m.to_row(corpus) for m in mine(queries, corpus, retriever, config)]
+    eager_rows = [m.to_row(corpus) for m in mine(eager, corpus, retriever, config)]
+    assert lazy_rows == eager_rows and all(r["pos"] for r in lazy_rows)
+
+
+def test_store_lookup_reads_rows_on_demand_with_identical_scores(setup):
+    """Positive scores from the memory-mapped store (nothing gathered up front) equal the in-memory lookup's."""
+    from mining.miner import StoreEmbeddingLookup
+
+    lookup = StoreEmbeddingLookup(setup["store"], setup["corpus"])
+    assert "doc3" in lookup and "nope" not in lookup
+    np.testing.assert_array_equal(lookup.get(["doc3", "doc0"]), setup["lookup"].get(["doc3", "doc0"]))
+    config = MiningConfig(k=40, range_min=2, range_max=30, num_negatives=4)
+    a = list(mine(setup["queries"], setup["corpus"],
+                  DenseRetriever(setup["index"], setup["model"], bf16=False, doc_lookup=lookup), config))
+    b, _, _ = _run(setup)
+    assert [m.positive_scores for m in a] == [m.positive_scores for m in b]
+
+
+def test_cross_encoder_scorer_batches_across_queries_with_identical_scores(setup, tmp_path):
+    """`--scorer ranker:R`: one length-sorted score_many call per chunk of queries (the device stays busy),
+    and the scores written are those of scoring each query alone."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from mining.filters import CrossEncoderScorer
+    from retriever.testing import build_tiny_model
+
+    tiny = build_tiny_model(tmp_path / "tiny")
+    BertForSequenceClassification(BertConfig.from_pretrained(tiny, num_labels=1)).save_pretrained(tmp_path / "ce")
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(tmp_path / "ce")
+    scorer = CrossEncoderScorer(str(tmp_path / "ce"), device="cpu", bf16=False, teacher=True)
+    calls = []
+    many = scorer.score_many
+
+    def counted(requests):
+        calls.append(len(requests))
+        return many(requests)
+
+    scorer.score_many = counted
+    config = MiningConfig(k=40, range_min=2, range_max=30, num_negatives=4, query_batch_size=5, scorer_threshold=1e9)
+    retriever = DenseRetriever(setup["index"], setup["model"], bf16=False, doc_lookup=setup["lookup"])
+    mined = list(mine(setup["queries"], setup["corpus"], retriever, config, scorer=scorer))
+    assert calls == [5, 5, 2]  # one call per chunk, every query of the chunk in it
+    corpus = setup["corpus"]
+    for m in mined:
+        row = m.to_row(corpus)
+        alone = scorer.model.score([(row["query"], p) for p in row["neg"] + row["pos"]], bf16=False)
+        np.testing.assert_allclose(row["neg_scores"] + row["pos_scores"], alone, rtol=0, atol=1e-5)
+        assert row["retriever_neg_scores"] == m.negative_scores  # teacher: the ranker's scores lead

@@ -84,3 +84,20 @@ def test_minilm_round_trip_through_sentence_transformers(minilm_path, tmp_path):
     original = SentenceTransformer(minilm_path, device="cpu").encode(TEXTS)
     saved = SentenceTransformer(str(model.save(tmp_path / "minilm")), device="cpu").encode(TEXTS)
     assert cosines(original, ours).min() >= 0.9999 and cosines(saved, ours).min() >= 0.9999
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_packed_token_columns_pad_like_the_tokenizer(tiny_model_dir, side):
+    """encode packs a call's tokens into flat columns + offsets (no per-text arrays on the heap); a batch
+    padded from them equals the tokenizer's own padded batch, on either padding side."""
+    model = BiEncoder.from_pretrained(str(tiny_model_dir))
+    model.tokenizer.padding_side = side
+    texts = ["a short one", "a much longer text with many more words than the first", "", "mid length text here"]
+    enc = model._tokenize_compact(texts, max_length=8, chunk=3)  # chunks of 3: the packing crosses a chunk edge
+    assert enc.lengths.tolist() == [len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=8)["input_ids"]]
+    rows = [1, 3, 0]
+    ours = model._pad(enc, rows)
+    ref = model.tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=8, return_tensors="pt")
+    assert set(ours) == set(ref.keys())
+    for name in ours:
+        assert torch.equal(ours[name], ref[name].long()), name

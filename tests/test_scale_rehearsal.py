@@ -48,14 +48,18 @@ def test_growth_exponents():
 
 
 def test_small_rehearsal_stays_within_the_memory_bound(cache, tmp_path):
-    result = sr.rehearse(5_000, cache, tmp_path / "work", steps=10, threads=1,
-                         stages={"read", "encode", "index-flat", "index-ivf", "mine", "train-inbatch", "eval"},
-                         timeout=300)
+    stages = {"read", "encode", "index-flat", "index-ivf", "mine", "train-inbatch", "train-star", "train-adore",
+              "train-ance", "eval", "serve"}
+    result = sr.rehearse(5_000, cache, tmp_path / "work", steps=10, threads=1, stages=stages, timeout=300)
     rows = {r["stage"]: r for r in result["rows"]}
-    assert set(rows) == {"read", "encode", "index-flat", "index-ivf", "mine", "train-inbatch", "eval"}
+    assert set(rows) == stages - {"serve"} | {"serve + refresh under load"}
     bound = 1.5 * result["emb_fp16_mib"] + result["model_mib"] + sr.CONSTANT_MIB
     over = {s: r["peak_rss_mib"] for s, r in rows.items() if r["peak_rss_mib"] > bound}
     assert not over, f"stages over the bound of {bound:.0f} MiB: {over}"
     assert all(r["peak_rss_mib"] > 50 and r["wall_s"] > 0 for r in rows.values())  # the measurement saw the child
     assert rows["encode"]["disk_mib"] >= result["emb_fp16_mib"]
     assert (tmp_path / "work" / "eval").is_dir() and (tmp_path / "work" / "mined.jsonl").is_file()
+    serve = rows["serve + refresh under load"]
+    assert serve["failed"] == 0 and serve["final_version"] >= 2 and serve["answered"] > 0
+    for name in ("star", "adore", "ance"):  # each index-backed strategy trained its steps
+        assert (tmp_path / "work" / f"run-{name}" / "final").is_dir(), name

@@ -194,3 +194,96 @@ def test_duplicates_of_a_positive_under_another_id_are_never_negatives(env, tmp_
         assert res.dropped["excluded"] == 4 and len(got) == 82 - 4
         with pytest.raises(ValueError, match="exclude_texts"):
             svc.mine(["a"], exclude_texts=[["x"], ["y"]])
+
+
+# --------------------------------------------------------------------------- issue #13: scale
+def test_default_device_is_the_ranks_gpu_when_cuda_is_available(env, tmp_path, monkeypatch):
+    """The service's encoder used to stay on the CPU unless --device was given."""
+    import torch
+
+    from mining.service import default_device
+
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert default_device() == "cuda:2"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == "cpu"
+    with MiningService(env["index"], env["model"], work_dir=tmp_path / "v") as svc:
+        assert svc.device == "cpu" and svc.status()["device"] == "cpu"
+        assert str(next(svc._current.model.parameters()).device) == "cpu"
+
+
+def test_k_over_the_index_max_k_is_a_400(env, tmp_path, monkeypatch):
+    """A GPU FAISS index returns at most 2,048 hits a query while requests accept k up to 10,000: refuse
+    with a 400 naming the limit, in process and over HTTP."""
+    import httpx
+
+    from index.faiss_index import DenseIndex
+    from mining.server import serve_in_thread
+
+    monkeypatch.setattr(DenseIndex, "max_k", property(lambda self: 50))  # what a GPU index reports (2,048)
+    svc = MiningService(env["index"], env["model"], corpus=env["data"], work_dir=tmp_path / "v")
+    assert svc.status()["max_k"] == 50
+    with pytest.raises(MiningRequestError, match=r"max_k=50.*k <= 50") as err:
+        svc.mine(["dense retrieval"], k=60)
+    assert err.value.status_code == 400
+    assert svc.mine(["dense retrieval"], k=50)[0].version == 1
+    with serve_in_thread(svc) as url:
+        bad = httpx.post(f"{url}/v1/mine", json={"queries": ["a"], "k": 5000})
+        assert bad.status_code == 400 and "k <= 50" in bad.json()["detail"]
+    svc.close()
+
+
+def test_refresh_holds_one_full_index_in_private_memory(env, tmp_path, monkeypatch):
+    """While the next version is built, the serving version is the same index memory-mapped from its
+    file (its private copy released, same answers); the built index is served as built, not re-read."""
+    import gc
+    import weakref
+
+    from index.faiss_index import DenseIndex
+
+    svc = MiningService(env["index"], env["model"], corpus=env["data"], work_dir=tmp_path / "versions")
+    before = svc.mine(["faiss index negatives"], k=30)[0].negatives
+    in_ram = weakref.ref(svc._current.index)
+    seen = {}
+    build = DenseIndex.build.__func__
+
+    def watched_build(cls, *args, **kwargs):
+        gc.collect()
+        seen["old_released"] = in_ram() is None
+        seen["mapped"] = getattr(svc._current.index, "memory_mapped", False)
+        [res] = svc.mine(["faiss index negatives"], k=30)
+        seen["answer"] = (res.version, res.negatives)
+        return build(cls, *args, **kwargs)
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("the refresh read the index it had just built back from disk")
+
+    monkeypatch.setattr(DenseIndex, "build", classmethod(watched_build))
+    monkeypatch.setattr(DenseIndex, "load", classmethod(no_reload))
+    assert svc.refresh(env["root"] / "run" / "checkpoints" / "step-100" / "model", block=True) is True
+    assert seen["old_released"] and seen["mapped"]
+    assert seen["answer"][0] == 1 and [n.doc_id for n in seen["answer"][1]] == [n.doc_id for n in before]
+    assert [n.score for n in seen["answer"][1]] == pytest.approx([n.score for n in before], abs=1e-6)
+    assert svc.version == 2 and not getattr(svc._current.index, "memory_mapped", False)
+    assert svc.mine(["faiss index negatives"], k=30)[0].version == 2
+    svc.close()
+
+
+def test_refresh_rebuilds_with_the_served_index_settings(env, tmp_path):
+    """A refresh builds the new version with the factory, metric, nprobe and train sample the served index
+    was built with (an IVF index must not come back as Flat, nor lose its nprobe)."""
+    from index.faiss_index import DenseIndex
+    from index.store import EmbeddingStore
+
+    DenseIndex.build(EmbeddingStore.open(env["root"] / "emb"), tmp_path / "ivf", factory="IVF2,Flat", metric="cosine",
+                     nprobe=2, train_sample=60)
+    svc = MiningService(tmp_path / "ivf", env["model"], corpus=env["data"], work_dir=tmp_path / "versions")
+    try:
+        assert svc.refresh(block=True)
+        built = svc._current.index.manifest
+    finally:
+        svc.close()
+    assert svc.version == 2
+    assert (built["factory"], built["metric"], built["nprobe"], built["train_sample"]) == ("IVF2,Flat", "cosine", 2, 60)

@@ -35,13 +35,10 @@ def test_adore_leaves_document_encoder_bitwise_unchanged(mini, tmp_path):
     assert all(torch.equal(saved.doc_model.state_dict()[k], v) for k, v in original.items())
 
 
-def test_adore_negatives_of_each_step_are_the_exact_top_k_of_that_steps_query_encoder(mini, tmp_path):
-    """``last_negative_ids`` of every step equal a brute-force top-k (positives removed) with the query
-    encoder's weights (and dropout masks) of that step, and they change as the encoder trains."""
+def _recording(trainer):
+    """Wrap the strategy's micro_step: per step (queries, query-tower weights, RNG state, negative ids)."""
     import copy
 
-    folder, model = mini
-    trainer = _trainer(folder, model, tmp_path / "run", max_steps=4)
     strategy = trainer.strategy
     micro_step = strategy.micro_step
     steps = []
@@ -54,9 +51,15 @@ def test_adore_negatives_of_each_step_are_the_exact_top_k_of_that_steps_query_en
         return loss
 
     strategy.micro_step = recording
-    trainer.run()
-    assert len(steps) == 4
-    doc_emb = strategy.doc_emb.numpy()
+    return steps
+
+
+def _exact_top_k(trainer, k=20):
+    """A brute-force top-k (positives removed) over the stored embeddings under given query weights."""
+    import copy
+
+    strategy = trainer.strategy
+    doc_emb = np.asarray(strategy.store.load_all(), dtype=np.float32)  # the test may; the strategy never does
     replica = copy.deepcopy(trainer.model)
     replica.train()
 
@@ -67,18 +70,81 @@ def test_adore_negatives_of_each_step_are_the_exact_top_k_of_that_steps_query_en
             q = replica.embed(replica.tokenize(queries, "query"), "query").float().numpy()
         out = []
         for i, query in enumerate(queries):
-            top = np.argsort(-(doc_emb @ q[i]), kind="stable")[:20]
-            out.append({strategy.doc_ids[r] for r in top if r not in strategy.positive_rows[query]})
+            top = np.argsort(-(doc_emb @ q[i]), kind="stable")[:k]
+            out.append({strategy.doc_ids[r] for r in top if r not in strategy.positives_of(query)})
         return out
 
+    return exact
+
+
+def test_adore_negatives_of_each_step_are_the_exact_top_k_of_that_steps_query_encoder(mini, tmp_path):
+    """``last_negative_ids`` of every step equal a brute-force top-k (positives removed) with the query
+    encoder's weights (and dropout masks) of that step, and they change as the encoder trains."""
+    folder, model = mini
+    trainer = _trainer(folder, model, tmp_path / "run", max_steps=4)
+    strategy = trainer.strategy
+    steps = _recording(trainer)
+    trainer.run()
+    assert len(steps) == 4
+    assert strategy.index.manifest["factory"] == "Flat"  # factory auto below the threshold: exact search
+    exact = _exact_top_k(trainer)
     for queries, weights, rng, recorded in steps:
         assert [set(r) for r in recorded] == exact(queries, weights, rng)
         for query, negs in zip(queries, recorded):
-            positives = {strategy.doc_ids[r] for r in strategy.positive_rows[query]}
+            positives = {strategy.doc_ids[r] for r in strategy.positives_of(query)}
             assert not positives & set(negs)
     # the same queries under the final weights retrieve other negatives: they follow the encoder
     queries, _, rng, recorded = steps[0]
     assert [set(r) for r in recorded] != exact(queries, trainer.model.query_model.state_dict(), rng)
+
+
+def test_adore_never_loads_the_whole_embedding_matrix(mini, tmp_path, monkeypatch):
+    """Candidates' embeddings are gathered per step from the float16 memmap; ``load_all`` (27 GB float32 at
+    MS MARCO) is never called, ids stay the index's memory-mapped ids and positives compact arrays."""
+    from index.store import EmbeddingStore
+
+    def refuse(self):
+        raise AssertionError("ADORE must not call EmbeddingStore.load_all")
+
+    monkeypatch.setattr(EmbeddingStore, "load_all", refuse)
+    gathered = []
+    gather = EmbeddingStore.gather
+
+    def counting(self, rows, dtype=np.float32):
+        gathered.append(len(rows))
+        return gather(self, rows, dtype)
+
+    monkeypatch.setattr(EmbeddingStore, "gather", counting)
+    folder, model = mini
+    trainer = _trainer(folder, model, tmp_path / "run", max_steps=2)
+    trainer.run()
+    strategy = trainer.strategy
+    assert len(gathered) == 2 and all(0 < n <= 4 * 20 + 20 for n in gathered)  # one gather a step, <= B x (k + pos)
+    assert not isinstance(strategy.doc_ids, list)
+    assert not hasattr(strategy, "doc_emb") and not hasattr(strategy, "positive_rows")
+    assert isinstance(strategy.positives.values, np.ndarray) and strategy.positives.values.dtype == np.int64
+
+
+def test_adore_trains_on_an_ivf_index_with_the_configured_settings(mini, tmp_path):
+    """``negatives.options.index`` reaches the built index; with every list probed, IVF's negatives are the
+    exact top-k of the step's query encoder (ties at the cut aside)."""
+    from retriever.trainer import Trainer
+
+    folder, model = mini
+    options = {"k": 20, "index": {"factory": "IVF2,Flat", "nprobe": 2, "train_sample": 100, "gpu": "no"}}
+    cfg = TrainConfig.model_validate(tiny_config(folder, model, "adore", options, learning_rate=5e-3, max_steps=3))
+    trainer = Trainer(cfg, tmp_path / "run")
+    steps = _recording(trainer)
+    trainer.run()
+    manifest = trainer.strategy.index.manifest
+    assert (manifest["factory"], manifest["nprobe"], manifest["train_sample"]) == ("IVF2,Flat", 2, 100)
+    assert manifest["gpus_used_for_build"] == 0
+    exact = _exact_top_k(trainer)
+    same = total = 0
+    for queries, weights, rng, recorded in steps:
+        for got, want in zip(recorded, exact(queries, weights, rng)):
+            same, total = same + len(set(got) & want), total + len(want)
+    assert total and same >= 0.95 * total
 
 
 def test_adore_loss_ranks_every_positive_among_all_candidates_and_normalises_by_pairs():
@@ -122,7 +188,7 @@ def test_adore_uses_every_positive_and_excludes_duplicates_of_positives_by_text(
 
     strategy = ADORENegatives({"k": 200})
     strategy.setup(BiEncoder.from_pretrained(model), corpus, [ex], tmp_path / "index")
-    rows = strategy.positive_rows[ex.query]
+    rows = strategy.positives_of(ex.query)
     assert {strategy.doc_ids[r] for r in rows} == {docs[0]["_id"], docs[1]["_id"], "dup-of-0"}
     emb, relevant, valid, negatives = strategy.candidates([ex.query], np.array([[0, 5, 7]]))
     assert relevant[0].sum() == 3  # both positives and the duplicate, retrieved or appended

@@ -72,7 +72,7 @@ def test_served_negatives_are_the_exact_top_k_of_the_snapshot_that_tags_them(min
 
     def recording_mine(examples):
         answer = mine(examples)
-        served.extend((q, version, texts) for q, (version, texts) in answer.items())
+        served.extend((q, version, strategy.corpus.texts(rows)) for q, (version, rows) in answer.items())
         return answer
 
     strategy.mine = recording_mine

@@ -329,7 +329,7 @@ def test_margin_filter_options_apply_to_the_ranker_candidates(mini, tmp_path):
         trainer = Trainer(TrainConfig.model_validate(tiny_config(folder, model, "ar2", options)), tmp_path / name)
         trainer._start()  # prepare: index the corpus with the start model, mine step 0's negatives
         trainer.strategy.close()
-        return trainer, dict(trainer.strategy.cache)
+        return trainer, {q: trainer.strategy.pool_texts(q) for q in trainer.strategy.cache}
 
     def above_threshold(trainer, pools, margin):
         from retriever.modeling import BiEncoder

@@ -7,6 +7,7 @@ import pytest
 
 from retriever.config import TrainConfig
 from retriever.data import Corpus, load_beir, training_examples_from_qrels, write_jsonl_atomic
+from retriever.negatives.corpus_index import text_key
 from retriever.negatives.star import STARNegatives
 from retriever.train_data import BatchCollator
 from strategy_data import shared_mini, tiny_config
@@ -47,7 +48,7 @@ def test_star_batches_mix_hard_and_random_and_never_use_positives(mini, tmp_path
             assert len(negs) == b * 4
             for i, ex in enumerate(examples[start:start + 8]):
                 mine = negs[i * 4:(i + 1) * 4]
-                hard_pool = set(strategy.hard[ex.query])
+                hard_pool = set(strategy.hard_texts(ex.query))
                 assert all(t in hard_pool for t in mine[:2])
                 n_hard += 2
                 n_random += sum(t not in hard_pool for t in mine[2:])
@@ -87,7 +88,7 @@ def test_star_mines_up_front_with_the_warmup_model(mini, tmp_path):
     q = warmup.encode([ex.query for ex in examples], kind="query")
     d = warmup.encode([doc.full_text for doc in ds.corpus], kind="document")
     for i, ex in enumerate(examples):
-        pool = strategy.hard[ex.query]
+        pool = strategy.hard_texts(ex.query)
         assert len(pool) == 10 and not set(pool) & set(ex.positives)
         # the pool is the warm-up model's top of the ranking (positives removed)
         top = [ds.corpus[r].full_text for r in np.argsort(-(d @ q[i]))[:40] if ds.corpus[r].id not in ex.positive_ids]
@@ -116,7 +117,7 @@ def test_star_mining_honours_range_min_and_samples_the_whole_window(mini, tmp_pa
     texts = [ds.corpus.get(i).full_text for i in store.ids]
     for i, ex in enumerate(examples):
         ranking = [texts[r] for r in np.argsort(-(d @ q[i]), kind="stable")]
-        pool = strategy.hard[ex.query]
+        pool = strategy.hard_texts(ex.query)
         window = [t for t in ranking[5:40] if t not in ex.positives]
         assert not set(pool) & set(ranking[:5]), "a negative ranked above range_min was mined"
         assert len(set(pool) & set(window)) >= len(window) - 2  # the whole window (ties at the edges aside)
@@ -128,8 +129,8 @@ def test_star_mining_honours_range_min_and_samples_the_whole_window(mini, tmp_pa
             negs = batch.documents[len(batch.queries):]
             for i, ex in enumerate(examples[start:start + 8]):
                 hard, random = negs[2 * i], negs[2 * i + 1]
-                assert hard in strategy.hard[ex.query]  # the hard slot comes from the mined pool
-                outside += random not in strategy.hard[ex.query]
+                assert hard in strategy.hard_texts(ex.query)  # the hard slot comes from the mined pool
+                outside += random not in strategy.hard_texts(ex.query)
                 total += 1
     # random corpus negatives: the pool is ~30 % of this corpus, so most random picks fall outside it
     assert outside > 0.4 * total
@@ -169,3 +170,38 @@ def test_star_pairwise_loss_is_drhards_and_trains(mini, tmp_path):
     assert len(seen) == 4
     with pytest.raises(ValueError, match="no effect"):
         TrainConfig.model_validate(tiny_config(folder, model, "star", {"loss": "pairwise"}, loss="decoupled"))
+
+
+def test_star_keeps_hard_negatives_as_int_rows_and_reads_texts_at_collate(mini, tmp_path):
+    """Pools are int32 corpus rows in CSR arrays (no text per query is held); a mined file's passage that is
+    not in the corpus is packed once; the texts of a batch's picks are read from the corpus when collated."""
+    from retriever.data import TrainingExample
+
+    folder, _ = mini
+    ds = load_beir(folder, "train")
+    examples = training_examples_from_qrels(ds.queries, ds.qrels, ds.corpus)
+    mined = _mined_file(folder, tmp_path / "mined.jsonl", examples[:-1], np.random.default_rng(0))
+    extra = {"query": examples[-1].query, "pos": examples[-1].positive_ids, "neg": ["a passage not in the corpus"]}
+    with open(mined, "a") as fh:
+        fh.write(json.dumps(extra) + "\n")
+    strategy = STARNegatives({"hard_per_query": 1, "random_per_query": 0, "mined": str(mined)})
+    strategy.corpus = ds.corpus
+    strategy.setup(examples, model=None, work_dir=tmp_path)
+    assert strategy.pool.values.dtype == np.int32 and len(strategy.pool) == len(examples)
+    assert all(isinstance(v, (int, np.integer)) for v in strategy.pool.values)
+    for ex in examples[:-1]:  # 5 ids in the file, the positive among them dropped when the pool was built
+        refs = strategy.pool.get(text_key(ex.query))
+        assert len(refs) == 4 and (refs >= 0).all()
+        assert not set(ds.corpus[int(r)].id for r in refs) & set(ex.positive_ids)
+    assert strategy.hard_texts(examples[-1].query) == ["a passage not in the corpus"]
+    reads = []
+    read = ds.corpus._read
+    ds.corpus._read = lambda row: reads.append(row) or read(row)
+    try:
+        negs = strategy.negatives_for(examples[0], np.random.default_rng(0))
+    finally:
+        del ds.corpus._read
+    assert len(negs) == 1 and len(reads) == 1  # one pick, one corpus read: not the whole pool
+    # an example that carries its own negatives uses them as they are
+    own = TrainingExample(query="a query of its own", positives=["p"], negatives=["n1", "n2"])
+    assert strategy.negatives_for(own, np.random.default_rng(0))[0] in {"n1", "n2"}

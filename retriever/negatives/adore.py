@@ -6,9 +6,14 @@ encoder embeds the batch's queries, retrieves their top-k (200) from that index 
 ΔMRR-weighted LambdaLoss over the retrieved list plus any positive it missed: every positive of the
 query is ranked among all the candidates, and positives (by id, and exact-text duplicates under other
 ids) are never negatives; each query's loss is normalised by its number of pairs, as DRhard's
-``adore/train.py`` (:class:`retriever.losses.lambda_rank.LambdaRankLoss`). Document embeddings are read from the index's
-store, never recomputed, so a step costs one query forward pass and one ANN search; and because the
+``adore/train.py`` (:class:`retriever.losses.lambda_rank.LambdaRankLoss`). Document embeddings are gathered per step from the
+index's memory-mapped float16 store (only the candidates' rows: never the whole matrix, 27 GB float32 at
+MS MARCO), never recomputed, so a step costs one query forward pass and one ANN search; and because the
 negatives are what the *current* model retrieves, training optimises exactly the ranking it will serve.
+
+The index is built with ``options.index`` (:class:`retriever.negatives.corpus_index.IndexOptions`: exact
+``Flat`` below 1M documents, ``IVF…,SQfp16`` above by default). Ids are the index's memory-mapped ids;
+positives are compact int64 rows per query-text hash.
 
 A single-tower model is split: the query tower keeps training, a frozen copy becomes the document
 tower, and the saved model has separate ``query/`` and ``document/`` towers. Usually run after STAR
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from array import array
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +36,7 @@ from retriever.data import Corpus
 from retriever.losses.lambda_rank import LambdaRankLoss, candidate_ranks
 from retriever.modeling import autocast
 from retriever.negatives.base import NegativeStrategy, StrategyOptions, register_strategy
-from retriever.negatives.corpus_index import build_index, corpus_path
+from retriever.negatives.corpus_index import IndexOptions, KeyedRows, build_index, corpus_path, text_key
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +49,8 @@ class ADOREOptions(StrategyOptions):
                                 "training.temperature; the paper's raw dot products: 1)")
     corpus: str | None = Field(None, description="corpus to index (default: the data's)")
     encode_batch_size: int = Field(64, gt=0)
+    index: IndexOptions = Field(default_factory=IndexOptions, description="FAISS settings of the frozen index "
+                                "(factory, nprobe, ef_search, train_sample, gpu; default factory auto)")
 
 
 @register_strategy("adore")
@@ -53,14 +61,18 @@ class ADORENegatives(NegativeStrategy):
     def __init__(self, options=None):
         super().__init__(options)
         self.index = None
-        self.doc_ids: list[str] = []
-        self.doc_emb: torch.Tensor | None = None
-        self.positive_rows: dict[str, set[int]] = {}        # query text -> corpus rows of its positives (id or text)
-        self.extra_positive_emb: dict[str, torch.Tensor] = {}  # query text -> [n, d] positives not in the corpus
+        self.store = None                                    # fp16 memory-mapped embeddings (never loaded whole)
+        self.positives: KeyedRows = KeyedRows()              # query-text key -> sorted corpus rows of its positives
+        self.extra_positive_emb: dict[int, torch.Tensor] = {}  # query-text key -> [n, d] positives not in the corpus
         self.loss_fn: LambdaRankLoss | None = None
         self.last_negative_ids: list[list[str]] = []
         self._retrieved_rank_sum = 0.0
         self._steps = 0
+
+    @property
+    def doc_ids(self):
+        """Row -> document id: the index's memory-mapped ``ids.txt`` (no list of 8.8M strings)."""
+        return self.index.ids
 
     # ------------------------------------------------------------------ setup
     def prepare(self, trainer: Any) -> None:
@@ -71,41 +83,89 @@ class ADORENegatives(NegativeStrategy):
 
     def setup(self, model, corpus: Corpus, examples, folder: Path) -> None:
         freeze_document_tower(model)
-        dense, store = build_index(model, corpus, folder, batch_size=self.options.encode_batch_size,
-                                   bf16=False)
-        self.index = dense
-        self.doc_ids = [str(i) for i in dense.ids]
-        self.doc_emb = torch.from_numpy(np.asarray(store.load_all(), dtype=np.float32))
-        row = {d: i for i, d in enumerate(self.doc_ids)}
-        # positives by id, and by text: an exact copy of a positive under another id (MS MARCO has many)
-        # is relevant too, never a negative
-        wanted = {t.strip() for ex in examples for t in ex.positives}
-        by_text: dict[str, list[int]] = {}
-        if wanted:
-            for doc in corpus:
-                text = doc.full_text.strip()
-                if text in wanted:
-                    by_text.setdefault(text, []).append(row[doc.id])
-        missing: dict[str, list[str]] = {}
+        self.index, self.store = build_index(model, corpus, folder, batch_size=self.options.encode_batch_size,
+                                             bf16=False, options=self.options.index)
+        if len(self.index.ids) != len(corpus):
+            raise ValueError(f"the ADORE index holds {len(self.index.ids)} documents, the corpus {len(corpus)}")
+        self._collect_positives(model, corpus, examples)
+
+    def _collect_positives(self, model, corpus: Corpus, examples) -> None:
+        """Every training query's positive rows: by id, and by text (an exact copy of a positive under another
+        id, MS MARCO has many, is relevant too, never a negative). One pass over the examples records
+        (query key, row) and (query key, stripped-text key) pairs as int64 arrays, one streaming pass over the
+        corpus maps text keys to rows; no dict of texts, no id -> row dict (rows are the index's rows, which
+        are the corpus's). Queries sharing a text share the union of their positives."""
+        by_id, by_text = KeyedRows(), KeyedRows()   # query key -> rows; query key -> text keys
+        all_queries = array("q")
         for ex in examples:
-            rows = self.positive_rows.setdefault(ex.query, set())
-            rows.update(row[d] for d in ex.positive_ids if d in row)
-            for text in ex.positives:
-                found = by_text.get(text.strip())
-                if found:
-                    rows.update(found)
-                elif text not in missing.setdefault(ex.query, []):
-                    missing[ex.query].append(text)
-        texts = sorted({t for ts in missing.values() for t in ts})
-        if texts:  # positives given as text only, absent from the corpus: embed them once (frozen tower)
-            emb = dict(zip(texts, model.encode(texts, kind="document", batch_size=self.options.encode_batch_size,
-                                               bf16=False)))
-            for q, ts in missing.items():
-                if ts:
-                    self.extra_positive_emb[q] = torch.from_numpy(np.stack([emb[t] for t in ts]))
-        empty = [q for q, rows in self.positive_rows.items() if not rows and q not in self.extra_positive_emb]
+            qkey = text_key(ex.query)
+            all_queries.append(qkey)
+            rows = corpus.rows(ex.positive_ids) if ex.positive_ids else np.empty(0, np.int64)
+            by_id.add(qkey, rows[rows >= 0])
+            by_text.add(qkey, (text_key(t.strip()) for t in ex.positives))
+        by_id.freeze(unique=True)
+        by_text.freeze(unique=True)
+        wanted = np.unique(by_text.values)
+        found_keys, found_rows = array("q"), array("q")     # (text key, corpus row) of every corpus copy
+        if len(wanted):
+            chunk_keys: list[int] = []
+            done = 0
+            for doc in corpus:  # streams the file once, in row order
+                chunk_keys.append(text_key(doc.full_text.strip()))
+                if len(chunk_keys) == 65_536:
+                    _match(chunk_keys, done, wanted, found_keys, found_rows)
+                    done, chunk_keys = done + len(chunk_keys), []
+            _match(chunk_keys, done, wanted, found_keys, found_rows)
+            if done + len(chunk_keys) != len(corpus):
+                raise ValueError(f"{corpus.path} changed while ADORE read it ({done + len(chunk_keys)} documents, "
+                                 f"{len(corpus)} indexed)")
+        text_rows = KeyedRows()
+        for key, row in zip(found_keys, found_rows):
+            text_rows.add(key, (row,))
+        text_rows.freeze(unique=True)
+        self.positives = KeyedRows()
+        missing: dict[int, list[int]] = {}                  # query key -> text keys absent from the corpus
+        for i, qkey in enumerate(by_id.keys.tolist()):
+            rows = [by_id.values[by_id.ptr[i]:by_id.ptr[i + 1]]]
+            for tkey in by_text.get(qkey).tolist():
+                copies = text_rows.get(tkey)
+                if copies is not None:
+                    rows.append(copies)
+                else:
+                    missing.setdefault(qkey, []).append(tkey)
+            self.positives.add(qkey, np.concatenate(rows))
+        self.positives.freeze(unique=True)
+        if missing:  # positives given as text only, absent from the corpus: embed them once (frozen tower)
+            self._embed_missing(model, examples, missing)
+        empty = [k for k in np.unique(np.frombuffer(all_queries, dtype=np.int64)).tolist()
+                 if not len(self.positives.get(k)) and k not in self.extra_positive_emb]
         if empty:
-            raise ValueError(f"{len(empty)} training queries have no positive, e.g. {empty[0][:60]!r}")
+            first = next(ex.query for ex in examples if text_key(ex.query) == empty[0])
+            raise ValueError(f"{len(empty)} training queries have no positive, e.g. {first[:60]!r}")
+        logger.info("ADORE: positives of %d queries in %.1f MiB (%d rows, %d text-only)", len(self.positives),
+                    self.positives.nbytes / 2**20, len(self.positives.values), len(self.extra_positive_emb))
+
+    def _embed_missing(self, model, examples, missing: dict[int, list[int]]) -> None:
+        texts: dict[int, str] = {}
+        for ex in examples:  # a second pass, only when some positive is absent from the corpus
+            keys = missing.get(text_key(ex.query))
+            if keys:
+                for t in ex.positives:
+                    tkey = text_key(t.strip())
+                    if tkey in keys and tkey not in texts:
+                        texts[tkey] = t
+        order = sorted(texts, key=lambda k: texts[k])
+        emb = dict(zip(order, model.encode([texts[k] for k in order], kind="document",
+                                           batch_size=self.options.encode_batch_size, bf16=False)))
+        for qkey, tkeys in missing.items():
+            seen = list(dict.fromkeys(k for k in tkeys if k in emb))
+            if seen:
+                self.extra_positive_emb[qkey] = torch.from_numpy(np.stack([emb[k] for k in seen]))
+
+    def positives_of(self, query: str) -> np.ndarray:
+        """Sorted corpus rows of ``query``'s positives (by id and exact-text copies)."""
+        rows = self.positives.get(text_key(query))
+        return rows if rows is not None else np.empty(0, np.int64)
 
     # ------------------------------------------------------------------ step
     def retrieve(self, query_emb: np.ndarray) -> np.ndarray:
@@ -117,28 +177,38 @@ class ADORENegatives(NegativeStrategy):
     def candidates(self, queries: list[str], rows: np.ndarray):
         """Per query: every retrieved document plus the positives it missed (all of them: ADORE ranks
         each positive among all candidates). Returns the candidate embeddings ``[B, N, d]``, the
-        ``relevant`` and ``valid`` masks ``[B, N]`` and the non-relevant retrieved rows per query."""
+        ``relevant`` and ``valid`` masks ``[B, N]`` and the non-relevant retrieved rows per query.
+        Embeddings are gathered from the memory-mapped float16 store, once per distinct row."""
         lists, negatives = [], []
         for i, q in enumerate(queries):
-            positives = self.positive_rows.get(q, set())
-            retrieved = [int(r) for r in rows[i] if r >= 0]
-            missed = sorted(positives - set(retrieved))
-            emb = self.doc_emb[torch.tensor(retrieved + missed, dtype=torch.long)]
-            rel = [r in positives for r in retrieved] + [True] * len(missed)
-            extra = self.extra_positive_emb.get(q)
-            if extra is not None:
-                emb, rel = torch.cat([emb, extra]), rel + [True] * len(extra)
-            lists.append((emb, rel))
-            negatives.append([r for r in retrieved if r not in positives])
-        n = max(len(rel) for _, rel in lists)
-        dim = self.doc_emb.shape[1]
+            positives = self.positives_of(q)
+            retrieved = np.asarray(rows[i], dtype=np.int64)
+            retrieved = retrieved[retrieved >= 0]
+            is_pos = np.isin(retrieved, positives)
+            missed = np.setdiff1d(positives, retrieved)                          # sorted
+            cand = np.concatenate([retrieved, missed])
+            rel = np.concatenate([is_pos, np.ones(len(missed), dtype=bool)])
+            lists.append((cand, rel, self.extra_positive_emb.get(text_key(q))))
+            negatives.append(retrieved[~is_pos].tolist())
+        dim = self.store.dim
+        flat = np.concatenate([c for c, _, _ in lists]) if lists else np.empty(0, np.int64)
+        unique, inverse = np.unique(flat, return_inverse=True)
+        gathered = torch.from_numpy(self.store.gather(unique))[torch.from_numpy(inverse.reshape(-1))]
+        n = max(len(rel) + (0 if extra is None else len(extra)) for _, rel, extra in lists)
         emb = torch.zeros(len(queries), n, dim)
         relevant = torch.zeros(len(queries), n, dtype=torch.bool)
         valid = torch.zeros(len(queries), n, dtype=torch.bool)
-        for i, (e, rel) in enumerate(lists):
-            emb[i, :len(rel)] = e
-            relevant[i, :len(rel)] = torch.tensor(rel)
-            valid[i, :len(rel)] = True
+        at = 0
+        for i, (cand, rel, extra) in enumerate(lists):
+            m = len(cand)
+            emb[i, :m] = gathered[at:at + m]
+            relevant[i, :m] = torch.from_numpy(rel)
+            at += m
+            if extra is not None:
+                emb[i, m:m + len(extra)] = extra
+                relevant[i, m:m + len(extra)] = True
+                m += len(extra)
+            valid[i, :m] = True
         return emb, relevant, valid, negatives
 
     def micro_step(self, trainer: Any, batch, scale: float) -> float:
@@ -162,6 +232,17 @@ class ADORENegatives(NegativeStrategy):
         mrr = self._retrieved_rank_sum / self._steps if self._steps else 0.0
         self._retrieved_rank_sum, self._steps = 0.0, 0
         return {"adore_train_mrr": round(mrr, 5)}
+
+
+def _match(chunk_keys: list[int], start: int, wanted: np.ndarray, found_keys: array, found_rows: array) -> None:
+    """Append (text key, row) for the documents ``start + i`` whose text key is ``wanted`` (sorted)."""
+    if not chunk_keys:
+        return
+    keys = np.asarray(chunk_keys, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(wanted, keys), len(wanted) - 1)
+    hit = np.flatnonzero(wanted[pos] == keys)
+    found_keys.extend(keys[hit].tolist())
+    found_rows.extend((hit + start).tolist())
 
 
 def freeze_document_tower(model) -> None:

@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 from mining.filters import MarginFilter
 from retriever.data import TrainingExample
 from retriever.negatives.base import NegativeStrategy, StrategyOptions, register_strategy
-from retriever.negatives.corpus_index import build_index, corpus_path
+from retriever.negatives.corpus_index import IndexOptions, build_index, corpus_path
 
 logger = logging.getLogger(__name__)
 LOG_FILE = "negatives_log.jsonl"
@@ -51,6 +51,9 @@ class ANCEOptions(MarginFilter, StrategyOptions):
     wait_for_refresh: bool = Field(False, description="block training while the index rebuilds (reproducible)")
     corpus: str | None = Field(None, description="corpus to index (default: the data's)")
     encode_batch_size: int = Field(64, gt=0)
+    index: IndexOptions = Field(default_factory=IndexOptions, description="FAISS settings of the first index "
+                                "(factory, nprobe, ef_search, train_sample, gpu; default factory auto); "
+                                "refreshes rebuild with the same factory")
 
     @model_validator(mode="after")
     def _check(self) -> "ANCEOptions":
@@ -71,9 +74,10 @@ class ANCENegatives(NegativeStrategy):
         self.trainer = None
         self.work_dir: Path | None = None
         self.corpus_file: Path | None = None
-        self.cache: dict[str, tuple[int, list[str]]] = {}   # query -> (index version, negative texts)
-        self.positive_ids: dict[str, list[str]] = {}
-        self.positive_texts: dict[str, list[str]] = {}
+        self.corpus = None
+        # query -> (index version, negatives' corpus rows, int32): the upcoming step's queries only; the
+        # texts of the ``per_query`` picks are read from the corpus when the batch is collated
+        self.cache: dict[str, tuple[int, np.ndarray]] = {}
         self.versions_used: list[int] = []                   # versions behind the current step's negatives
         self._checkpointed_step: int | None = None            # snapshot behind the newest checkpoint's index
         self._last_row: dict = {}
@@ -87,9 +91,9 @@ class ANCENegatives(NegativeStrategy):
         self.trainer = trainer
         self.work_dir = Path(trainer.output_dir) / self.name
         self.corpus_file = corpus_path(trainer, self.options.corpus)
-        for ex in trainer.train_examples:
-            self.positive_ids[ex.query] = list(ex.positive_ids)
-            self.positive_texts[ex.query] = list(ex.positives)
+        from retriever.data import Corpus
+
+        self.corpus = Corpus(self.corpus_file)
         if getattr(trainer, "resume_from", None) is not None:
             return  # load_state_dict starts the service from the checkpoint's snapshot
         if self._dist.is_main:
@@ -111,7 +115,7 @@ class ANCENegatives(NegativeStrategy):
         with preserved_rng():
             model = BiEncoder.from_pretrained(snapshot).to(device)
             build_index(model, Corpus(self.corpus_file), index_dir, batch_size=self.options.encode_batch_size,
-                        bf16=self.trainer.bf16, distributed=False)
+                        bf16=self.trainer.bf16, distributed=False, options=self.options.index)
         # the service loads the snapshot itself (its path names the step the version was built from)
         self.service = MiningService(index_dir / "index", str(snapshot), corpus=self.corpus_file,
                                      work_dir=self.work_dir / "versions", device=device,
@@ -127,23 +131,30 @@ class ANCENegatives(NegativeStrategy):
         return path
 
     # ------------------------------------------------------------------ mining
-    def mine(self, examples: list[TrainingExample]) -> dict[str, tuple[int, list[str]]]:
-        """Mine negatives for ``examples`` (requests of up to 1024 queries) on the main process."""
-        todo = list({ex.query: ex for ex in examples}.values())
-        out: dict[str, tuple[int, list[str]]] = {}
-        for start in range(0, len(todo), 1024):
-            chunk = todo[start:start + 1024]
-            positive_ids = [self.positive_ids.get(ex.query, list(ex.positive_ids)) for ex in chunk]
+    def mine(self, examples: list[TrainingExample]) -> dict[str, tuple[int, np.ndarray]]:
+        """Mine negatives for ``examples`` (requests of up to 1024 queries) on the main process: per query
+        text, the index version and the negatives' corpus rows. Examples sharing a query text are mined once,
+        with the union of their positives."""
+        todo: dict[str, tuple[list[str], list[str]]] = {}
+        for ex in examples:
+            ids, texts = todo.setdefault(ex.query, ([], []))
+            ids.extend(d for d in ex.positive_ids if d not in ids)
+            texts.extend(t for t in ex.positives if t not in texts)
+        queries = list(todo)
+        out: dict[str, tuple[int, np.ndarray]] = {}
+        for start in range(0, len(queries), 1024):
+            chunk = queries[start:start + 1024]
+            positive_ids = [todo[q][0] for q in chunk]
             o = self.options
             margins = {"relative_margin": o.relative_margin, "absolute_margin": o.absolute_margin} \
                 if o.has_margin and any(positive_ids) else {}
-            results = self.service.mine([ex.query for ex in chunk], k=self.options.k, positive_ids=positive_ids,
-                                        exclude_texts=[self.positive_texts.get(ex.query, list(ex.positives))
-                                                       for ex in chunk],
+            results = self.service.mine(chunk, k=self.options.k, positive_ids=positive_ids,
+                                        exclude_texts=[todo[q][1] for q in chunk],
                                         range_min=self.options.range_min, num_negatives=self.options.pool,
-                                        sampling="top", with_texts=True, **margins)
-            for ex, res in zip(chunk, results):
-                out[ex.query] = (res.version, list(res.texts))
+                                        sampling="top", **margins)
+            for query, res in zip(chunk, results):
+                rows = self.corpus.rows([n.doc_id for n in res.negatives])
+                out[query] = (res.version, rows.astype(np.int32 if len(self.corpus) < 2**31 else np.int64))
         return out
 
     def _prefetch(self, step: int) -> None:
@@ -153,7 +164,7 @@ class ANCENegatives(NegativeStrategy):
         answer = self.mine(self._upcoming_examples(step)) if self._dist.is_main else None
         if self._dist.enabled:
             answer = gather_objects(answer, self._dist)[0]  # every rank takes the main process's answer
-        self.cache.update(answer)
+        self.cache = answer  # the upcoming step's queries only: the cache never grows with the run
 
     def negatives_for(self, example: TrainingExample, rng: np.random.Generator) -> list[str]:
         if self.trainer is None:
@@ -165,26 +176,22 @@ class ANCENegatives(NegativeStrategy):
             self.cache.update(self.mine([example]))
             cached = self.cache[example.query]
         version, pool = cached
-        if not pool:
+        if not len(pool):
             raise ValueError(f"no negative left for query {example.query[:60]!r} after the filters; raise k or "
                              "lower range_min / the margin")
         self.versions_used.append(version)
         n = self.options.per_query
         picks = rng.choice(len(pool), size=n, replace=len(pool) < n)
-        return [pool[i] for i in picks]
+        return self.corpus.texts(pool[i] for i in picks)
+
+    def pool_texts(self, query: str) -> tuple[int, list[str]] | None:
+        """``(index version, texts)`` of ``query``'s cached negatives (texts read from the corpus), or None."""
+        cached = self.cache.get(query)
+        return None if cached is None else (cached[0], self.corpus.texts(cached[1]))
 
     def _upcoming_examples(self, step: int) -> list[TrainingExample]:
         """The examples of 0-based optimizer step ``step`` (the trainer's own order)."""
-        from retriever.train_data import epoch_order
-
-        t = self.trainer
-        accum = t.config.training.gradient_accumulation_steps
-        epoch, in_epoch = divmod(step, t.steps_per_epoch)
-        order = t.strategy.epoch_order(len(t.train_examples), t.config.training.seed, epoch)
-        if order is None:
-            order = epoch_order(len(t.train_examples), t.config.training.seed, epoch)
-        span = accum * t.global_batch
-        return [t.train_examples[i] for i in order[in_epoch * span:(in_epoch + 1) * span]]
+        return self.trainer.step_examples(step)
 
     # ------------------------------------------------------------------ hooks
     def on_step_end(self, step: int) -> None:

@@ -106,6 +106,12 @@ class NegativeStrategy:
         """Called on the main process after the bi-encoder was saved to ``folder`` (``kind``: ``"final"``,
         or ``"best"`` when dev scoring kept a new best): save what belongs with it (AR2's ranker)."""
 
+    @classmethod
+    def orders_epoch(cls) -> bool:
+        """Whether the strategy overrides :meth:`epoch_order` (its batches are built from queries, so the
+        trainer's ``data.rows: per_pair`` layout does not apply)."""
+        return cls.epoch_order is not NegativeStrategy.epoch_order
+
     def epoch_order(self, num_examples: int, seed: int, epoch: int) -> "np.ndarray | None":
         """The example order of one epoch (consecutive global batches are taken from it), or ``None``
         for the trainer's seeded shuffle. TAS-B returns cluster-pure batches here."""

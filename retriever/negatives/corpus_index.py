@@ -1,12 +1,111 @@
 """Shared plumbing for the index-backed strategies (STAR, ADORE, ANCE, AR2): find the training corpus,
-turn training examples into mining queries, and encode a corpus into a FAISS index with ``index/``."""
+turn training examples into mining queries, encode a corpus into a FAISS index with ``index/`` under the
+index settings of ``negatives.options.index`` (:class:`IndexOptions`), and keep per-query data as compact
+arrays keyed by a 64-bit hash of the query text (:class:`KeyedRows`) instead of dicts of strings.
+
+Index settings are the ones ``negatron index build`` takes: ``factory`` (``Flat``, ``IVF…,Flat``,
+``IVF…,SQfp16``, ``IVF…,PQ…``, ``HNSW…``), ``nprobe`` / ``ef_search``, ``train_sample`` and ``gpu``
+(``auto``: every GPU FAISS sees, sharded, float16 storage; ``yes``: fail without one; ``no``: CPU).
+``factory: auto`` (the default) picks by corpus size, see :func:`auto_factory`.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import math
+from array import array
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from retriever.data import Corpus, TrainingExample
+
+logger = logging.getLogger(__name__)
+
+# ``factory: auto`` builds an exact Flat index below this many documents and an IVF one at or above it.
+# Flat memory is N x d x 4 bytes (FAISS stores float32): 1M x 768 = 2.9 GiB, searched exactly at
+# N x d = 0.77 GFLOP a query (an ADORE step of 32 queries: ~25 GFLOP, well under a second on a CPU).
+# At MS MARCO's 8.8M x 768 Flat is 25.2 GiB beside the 12.6 GiB fp16 embeddings and 6.8 GFLOP a query,
+# so from 1M on the default is IVF<nlist>,SQfp16: 2 bytes a dimension (12.6 GiB at 8.8M x 768, half of
+# Flat or IVF,Flat) and lossless here, because the embeddings are stored as float16 already; with
+# nprobe = 64 of nlist = 16,384 lists a query scans ~0.4 % of the corpus.
+AUTO_FLAT_BELOW = 1_000_000
+AUTO_IVF_CODE = "SQfp16"
+MIN_POINTS_PER_LIST = 39  # FAISS warns below 39 training points a centroid (index.faiss_index clamps there)
+
+
+def _unknown_keys(model: type[BaseModel], data: Any, where: str) -> None:
+    from retriever.config import _unknown_message
+
+    if isinstance(data, dict):
+        for key in data:
+            if key not in model.model_fields:
+                raise ValueError(_unknown_message(f"key in {where}:", key, list(model.model_fields)))
+
+
+class IndexOptions(BaseModel):
+    """``negatives.options.index``: how STAR, ADORE, ANCE and AR2 index the corpus (the settings of
+    ``negatron index build``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    factory: str = Field("auto", description='FAISS factory ("Flat", "IVF16384,Flat", "IVF16384,SQfp16", '
+                         '"IVF16384,PQ96", "HNSW32"), or "auto": Flat below auto_flat_below documents, '
+                         'IVF<4*sqrt(N) rounded to a power of two>,SQfp16 from there on')
+    nprobe: int | None = Field(None, gt=0, description="IVF lists probed per query (default min(nlist, 64))")
+    ef_search: int | None = Field(None, gt=0, description="HNSW search breadth (default 128)")
+    train_sample: int | None = Field(None, gt=0, description="vectors that train IVF/PQ (default max(64*nlist, "
+                                     "100k), at most 2M)")
+    gpu: Literal["auto", "yes", "no"] = Field("auto", description="auto: every GPU FAISS sees (sharded, float16), "
+                                              "else the CPU; yes: fail without a GPU; no: CPU")
+    auto_flat_below: int = Field(AUTO_FLAT_BELOW, gt=0, description="factory auto: corpus size from which an IVF "
+                                 "index replaces the exact Flat one")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown(cls, data: Any) -> Any:
+        _unknown_keys(cls, data, "negatives.options.index")
+        return data
+
+    @property
+    def use_gpu(self) -> bool | str:
+        return {"auto": "auto", "yes": True, "no": False}[self.gpu]
+
+
+def auto_nlist(count: int) -> int:
+    """IVF lists for ``count`` vectors: 4·sqrt(N) rounded (in log scale) to a power of two, and never more
+    lists than ``count / 39`` can train. 1M -> 4,096; 8.8M -> 16,384."""
+    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(count))))
+    most = max(1, count // MIN_POINTS_PER_LIST)
+    while nlist > most:
+        nlist //= 2
+    return max(1, nlist)
+
+
+def auto_factory(count: int, dim: int, flat_below: int = AUTO_FLAT_BELOW) -> tuple[str, str]:
+    """``(factory, why)`` that ``factory: auto`` builds for ``count`` vectors of ``dim`` dimensions."""
+    flat_gib = count * dim * 4 / 2**30
+    if count < flat_below:
+        return "Flat", (f"{count:,} documents < auto_flat_below {flat_below:,}: exact search, "
+                        f"{flat_gib:.2f} GiB float32")
+    nlist = auto_nlist(count)
+    return f"IVF{nlist},{AUTO_IVF_CODE}", (
+        f"{count:,} documents >= auto_flat_below {flat_below:,}: Flat would hold {flat_gib:.1f} GiB float32 and scan "
+        f"every document; IVF with nlist {nlist} (~4*sqrt(N)) and float16 codes holds {flat_gib / 2:.1f} GiB "
+        "(lossless: the embeddings are stored as float16); set negatives.options.index.factory to choose")
+
+
+def resolve_factory(options: IndexOptions, count: int, dim: int) -> str:
+    """The factory to build, logged once (INFO) with the reason."""
+    if options.factory.strip().lower() != "auto":
+        logger.info("index: factory %r for %d documents (negatives.options.index.factory)", options.factory, count)
+        return options.factory
+    factory, why = auto_factory(count, dim, options.auto_flat_below)
+    logger.info("index: factory auto -> %r (%s)", factory, why)
+    return factory
 
 
 def corpus_path(trainer: Any, override: str | None) -> Path:
@@ -25,17 +124,44 @@ def corpus_path(trainer: Any, override: str | None) -> Path:
                      "collection.tsv) or use a beir / jsonl+corpus / qrels data source")
 
 
-def training_queries(examples: Sequence[TrainingExample]):
-    """Training examples as :class:`mining.miner.TrainingQuery` (ids are the example's position)."""
-    from mining.miner import TrainingQuery
+class _TrainingQueries(Sequence):
+    """:class:`mining.miner.TrainingQuery` per example, built a slice at a time as :func:`mining.miner.mine`
+    asks (503k MS MARCO queries never all hold their positive passages at once)."""
 
-    return [TrainingQuery(str(i), ex.query, list(ex.positive_ids), list(ex.positives))
-            for i, ex in enumerate(examples)]
+    def __init__(self, examples: Sequence[TrainingExample], indices: Sequence[int] | None):
+        self.examples = examples
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.examples) if self.indices is None else len(self.indices)
+
+    def _one(self, i: int):
+        from mining.miner import TrainingQuery
+
+        ex = self.examples[i if self.indices is None else int(self.indices[i])]
+        return TrainingQuery(str(i), ex.query, list(ex.positive_ids), list(ex.positives))
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [self._one(i) for i in range(*key.indices(len(self)))]
+        i = int(key)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(key)
+        return self._one(i)
+
+
+def training_queries(examples: Sequence[TrainingExample], indices: Sequence[int] | None = None) -> Sequence:
+    """Training examples (or ``examples[indices]``) as a lazy sequence of :class:`mining.miner.TrainingQuery`;
+    query ``i``'s id is ``str(i)``, its position in that sequence."""
+    return _TrainingQueries(examples, indices)
 
 
 def build_index(model, corpus: Corpus, folder: Path, batch_size: int | None = None, bf16: bool | None = None,
-                distributed: bool = True):
-    """Encode ``corpus`` with ``model``'s document tower and build a flat inner-product FAISS index.
+                distributed: bool = True, options: IndexOptions | dict | None = None):
+    """Encode ``corpus`` with ``model``'s document tower and build an inner-product FAISS index with the
+    settings of ``options`` (:class:`IndexOptions`; default: ``factory: auto``).
 
     Returns ``(DenseIndex, EmbeddingStore)``; files go to ``folder/embeddings`` and ``folder/index``.
     ``distributed=False`` encodes on this process alone (a caller that runs only on the main process).
@@ -43,7 +169,80 @@ def build_index(model, corpus: Corpus, folder: Path, batch_size: int | None = No
     from index.encode import encode_corpus
     from index.faiss_index import DenseIndex
 
+    options = options if isinstance(options, IndexOptions) else IndexOptions.model_validate(options or {})
     store = encode_corpus(model, corpus, folder / "embeddings", batch_size=batch_size, bf16=bf16, show_progress=False,
                           distributed=distributed)
-    DenseIndex.build(store, folder / "index", factory="Flat", metric="ip", distributed=distributed)
-    return DenseIndex.load(folder / "index"), store
+    factory = resolve_factory(options, store.count, store.dim)
+    dense = DenseIndex.build(store, folder / "index", factory=factory, metric="ip", train_sample=options.train_sample,
+                             use_gpu=options.use_gpu, nprobe=options.nprobe, ef_search=options.ef_search,
+                             distributed=distributed)
+    return dense, store
+
+
+# ---------------------------------------------------------------------------------------------- compact maps
+def text_key(text: str) -> int:
+    """Stable signed 64-bit BLAKE2b of a text (a query, or a stripped passage): the key of the compact maps.
+    Two different texts collide with probability ~n²/2⁶⁵ (~10⁻⁸ for 503k MS MARCO queries)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+class KeyedRows:
+    """int64 keys -> ragged integer arrays, frozen into sorted keys + CSR (no Python object per entry).
+
+    ``add(key, values)`` appends; a key added more than once gets the concatenation of its values in the
+    order added (``unique=True`` at :meth:`freeze`: sorted and deduplicated instead)."""
+
+    def __init__(self, dtype=np.int64):
+        self.dtype = np.dtype(dtype)
+        self._keys, self._lens = array("q"), array("q")
+        self._vals = array("q" if self.dtype.itemsize == 8 else "i")
+        self.keys = np.empty(0, np.int64)
+        self.ptr = np.zeros(1, np.int64)
+        self.values = np.empty(0, self.dtype)
+
+    def add(self, key: int, values: Iterable[int]) -> None:
+        before = len(self._vals)
+        self._vals.extend(int(v) for v in values)
+        self._keys.append(int(key))
+        self._lens.append(len(self._vals) - before)
+
+    def freeze(self, unique: bool = False) -> "KeyedRows":
+        keys = np.frombuffer(self._keys, dtype=np.int64) if len(self._keys) else np.empty(0, np.int64)
+        lens = np.frombuffer(self._lens, dtype=np.int64) if len(self._lens) else np.empty(0, np.int64)
+        vals = np.frombuffer(self._vals, dtype=self.dtype) if len(self._vals) else np.empty(0, self.dtype)
+        order = np.argsort(keys, kind="stable")
+        lens_o = lens[order]
+        starts = (np.cumsum(lens) - lens)[order]
+        within = np.arange(int(lens_o.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens_o) - lens_o, lens_o)
+        vals = vals[np.repeat(starts, lens_o) + within]
+        ukeys, first = np.unique(keys[order], return_index=True)
+        counts = np.add.reduceat(lens_o, first) if len(first) else np.empty(0, np.int64)
+        if unique and len(vals):
+            group = np.repeat(np.arange(len(ukeys)), counts)
+            o = np.lexsort((vals, group))
+            vals, group = vals[o], group[o]
+            keep = np.ones(len(vals), dtype=bool)
+            keep[1:] = (vals[1:] != vals[:-1]) | (group[1:] != group[:-1])
+            vals, counts = vals[keep], np.bincount(group[keep], minlength=len(ukeys))
+        self.keys, self.values = ukeys.astype(np.int64), np.ascontiguousarray(vals, dtype=self.dtype)
+        self.ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._keys, self._lens, self._vals = array("q"), array("q"), array(self._vals.typecode)
+        return self
+
+    def _slot(self, key: int) -> int:
+        i = int(np.searchsorted(self.keys, key))
+        return i if i < len(self.keys) and int(self.keys[i]) == key else -1
+
+    def __contains__(self, key: int) -> bool:
+        return self._slot(key) >= 0
+
+    def get(self, key: int) -> np.ndarray | None:
+        i = self._slot(key)
+        return None if i < 0 else self.values[self.ptr[i]:self.ptr[i + 1]]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keys.nbytes + self.ptr.nbytes + self.values.nbytes)

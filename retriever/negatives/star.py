@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 
 from retriever.data import Corpus, TrainingExample, iter_training_jsonl
 from retriever.negatives.base import NegativeStrategy, StrategyOptions, register_strategy
-from retriever.negatives.corpus_index import build_index, corpus_path, training_queries
+from retriever.negatives.corpus_index import IndexOptions, KeyedRows, build_index, corpus_path, text_key, training_queries
 
 logger = logging.getLogger(__name__)
 POOL_FILE = "star-hard-negatives.jsonl"
@@ -51,6 +51,8 @@ class STAROptions(StrategyOptions):
     range_max: int = Field(200, gt=0, description="ranks >= range_max are not mined (DRhard: the top 200)")
     mine_pool: int | None = Field(None, gt=0, description="hard negatives kept per query when mining up front, "
                                   "best-ranked first (default: every rank of the window; batches sample from it)")
+    index: IndexOptions = Field(default_factory=IndexOptions, description="FAISS settings of the warm-up index "
+                                "(factory, nprobe, ef_search, train_sample, gpu; default factory auto)")
     loss: Literal["infonce", "pairwise"] = Field("infonce", description="infonce: listwise InfoNCE (the trainer's "
                                                  "training.loss); pairwise: DRhard's STAR loss over (s+, s-) pairs")
 
@@ -74,7 +76,11 @@ class STARNegatives(NegativeStrategy):
     def __init__(self, options=None):
         super().__init__(options)
         self.corpus: Corpus | None = None
-        self.hard: dict[str, list[str]] = {}  # query text -> hard negative texts
+        # query-text key -> hard negatives as int32 refs: a corpus row (>= 0), or -(1 + i) for the i-th text
+        # of ``self._texts`` (a mined file's passages that are not in the corpus); texts are read from the
+        # corpus when a batch is collated. MS MARCO, 503k queries x 200 mined: 0.4 GB, not ~40 GB of str.
+        self.pool = KeyedRows(np.int32)
+        self._texts = None
         self.mined_up_front = 0
         self.pairwise = None
 
@@ -94,26 +100,56 @@ class STARNegatives(NegativeStrategy):
         return plain_step(trainer.model, batch, self.pairwise, self, bf16=trainer.bf16, scale=scale,
                           dist_ctx=trainer.dist)
 
-    def setup(self, examples: list[TrainingExample], model, work_dir: Path, device=None, resuming: bool = False) -> None:
-        """Collect hard negatives for ``examples``; mine them with the warm-up model where missing."""
-        if self.options.mined:
-            for ex in iter_training_jsonl(self.options.mined, self.corpus):
-                if ex.negatives:
-                    self.hard.setdefault(ex.query, []).extend(ex.negatives)
-        for ex in examples:
-            if ex.negatives:
-                self.hard.setdefault(ex.query, list(ex.negatives))
-        missing = [ex for ex in examples if ex.query not in self.hard]
+    def setup(self, examples, model, work_dir: Path, device=None, resuming: bool = False) -> None:
+        """Collect hard negatives for ``examples``: a ``mined`` file's (by query text), else the example's
+        own (used as they are at collate time), else mined up front with the warm-up model."""
+        from retriever.example_table import StringPacker
+
+        pool, packer = KeyedRows(np.int32), StringPacker()
+        seen = self._read_mined(examples, pool, packer) if self.options.mined else set()
+        missing = []
+        for i, ex in enumerate(examples):
+            key = text_key(ex.query)
+            if key not in seen and not ex.negatives:
+                missing.append(i)
+                seen.add(key)  # one mining query per distinct query text
         if self.options.hard_per_query and missing:
             pool_file = Path(work_dir) / POOL_FILE
             if resuming and pool_file.exists():  # a fresh run over an old folder mines anew
-                self._load_pool(pool_file, missing)
+                self._load_pool(pool_file, {text_key(examples[i].query) for i in missing}, pool)
             else:
-                self._mine(missing, model, Path(work_dir) / "star-warmup-index", device, pool_file)
+                self._mine(examples, missing, model, Path(work_dir) / "star-warmup-index", device, pool_file, pool)
+        self.pool = pool.freeze()
+        self._texts = packer.freeze() if len(packer) else None
+        logger.info("STAR: hard-negative pools of %d queries, %d refs in %.1f MiB", len(self.pool),
+                    len(self.pool.values), self.pool.nbytes / 2**20)
 
-    def _load_pool(self, path: Path, examples: list[TrainingExample]) -> None:
+    def _read_mined(self, examples, pool: KeyedRows, packer) -> set[int]:
+        """A mined JSONL's negatives by query text, minus every passage whose text is a positive of that query
+        (in any training example with that text): refs into the corpus where the file names ids. Returns the
+        keys of the queries the file gave negatives."""
+        positives = KeyedRows()
+        for ex in examples:
+            positives.add(text_key(ex.query), (text_key(t.strip()) for t in ex.positives))
+        positives.freeze(unique=True)
+        found: set[int] = set()
+        for ex in iter_training_jsonl(self.options.mined, self.corpus):
+            if not ex.negatives:
+                continue
+            own = positives.get(text_key(ex.query))
+            own = set(own.tolist()) if own is not None else set()
+            own.update(text_key(t.strip()) for t in ex.positives)
+            rows = self.corpus.rows(ex.negative_ids) if len(ex.negative_ids) == len(ex.negatives) \
+                else np.full(len(ex.negatives), -1, np.int64)
+            refs = [int(r) if r >= 0 else -1 - packer.add(t)
+                    for t, r in zip(ex.negatives, rows) if text_key(t.strip()) not in own]
+            pool.add(text_key(ex.query), refs)
+            found.add(text_key(ex.query))
+        return found
+
+    def _load_pool(self, path: Path, wanted: set[int], pool: KeyedRows) -> None:
         """The pool a previous (interrupted) run of this folder mined with the starting model."""
-        wanted = {ex.query for ex in examples}
+        n = 0
         with open(path, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
                 try:
@@ -122,14 +158,23 @@ class STARNegatives(NegativeStrategy):
                 except (ValueError, KeyError) as exc:
                     raise ValueError(f"{path}:{lineno}: not a STAR pool line ({exc}); delete the file to mine "
                                      "again with the starting model") from None
-                if query in wanted:
-                    self.hard[query] = [self.corpus.get(d).full_text for d in ids]
-        logger.info("STAR: read the mined pool of %d queries from %s", len(self.hard), path)
+                key = text_key(query)
+                if key in wanted:
+                    rows = self.corpus.rows(ids)
+                    if (rows < 0).any():
+                        raise ValueError(f"{path}:{lineno}: ids not in {self.corpus.path}; delete the file to mine "
+                                         "again with the starting model")
+                    pool.add(key, rows)
+                    n += 1
+        logger.info("STAR: read the mined pool of %d queries from %s", n, path)
 
-    def _mine(self, examples: list[TrainingExample], model, folder: Path, device=None,
-              pool_file: Path | None = None) -> None:
+    def _mine(self, examples, indices: list[int], model, folder: Path, device, pool_file: Path | None,
+              pool: KeyedRows) -> None:
+        import contextlib
+
         from mining.miner import DenseRetriever, MiningConfig, mine
 
+        from retriever.io import atomic_write
         from retriever.modeling import BiEncoder
 
         warmup = model
@@ -137,23 +182,28 @@ class STARNegatives(NegativeStrategy):
             warmup = BiEncoder.from_pretrained(self.options.warmup_model)
             if device is not None:
                 warmup.to(device)
-        logger.info("STAR: mining hard negatives for %d queries with the warm-up model", len(examples))
-        dense, _ = build_index(warmup, self.corpus, folder)
+        logger.info("STAR: mining hard negatives for %d queries with the warm-up model", len(indices))
+        dense, _ = build_index(warmup, self.corpus, folder, options=self.options.index)
         window = self.options.range_max - self.options.range_min
         config = MiningConfig(k=self.options.range_max, range_min=self.options.range_min,
                               range_max=self.options.range_max, num_negatives=self.options.mine_pool or window,
                               sampling="top")
-        rows = []
-        for mined in mine(training_queries(examples), self.corpus, DenseRetriever(dense, warmup), config):
-            ex = examples[int(mined.query.query_id)]
-            self.hard[ex.query] = [self.corpus.get(d).full_text for d in mined.negative_ids]
-            rows.append({"query": ex.query, "neg_ids": list(mined.negative_ids)})
-            self.mined_up_front += 1
-        if pool_file is not None and os.environ.get("RANK", "0") == "0":
-            from retriever.io import atomic_write
+        write = pool_file is not None and os.environ.get("RANK", "0") == "0"
+        with (atomic_write(pool_file, "w") if write else contextlib.nullcontext()) as fh:  # streamed, by id
+            for mined in mine(training_queries(examples, indices), self.corpus, DenseRetriever(dense, warmup), config):
+                ids = list(mined.negative_ids)
+                pool.add(text_key(mined.query.text), self.corpus.rows(ids))
+                if fh is not None:
+                    fh.write(json.dumps({"query": mined.query.text, "neg_ids": ids}) + "\n")
+                self.mined_up_front += 1
 
-            with atomic_write(pool_file, "w") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in rows)
+    def _text(self, ref: int) -> str:
+        return self.corpus[int(ref)].full_text if ref >= 0 else self._texts[-1 - int(ref)]
+
+    def hard_texts(self, query: str) -> list[str]:
+        """The texts of ``query``'s stored hard-negative pool (empty when it uses its example's own)."""
+        refs = self.pool.get(text_key(query))
+        return [] if refs is None else [self._text(r) for r in refs]
 
     def _random(self, example: TrainingExample, rng: np.random.Generator, n: int) -> list[str]:
         positives = set(example.positive_ids)
@@ -168,14 +218,21 @@ class STARNegatives(NegativeStrategy):
     def negatives_for(self, example: TrainingExample, rng: np.random.Generator) -> list[str]:
         if self.corpus is None:
             raise RuntimeError("STARNegatives.prepare() must run before batches are collated")
-        positives = {t.strip() for t in example.positives}
         out: list[str] = []
         n_hard = self.options.hard_per_query
-        pool = [t for t in self.hard.get(example.query, []) if t.strip() not in positives]
         if n_hard:
-            if not pool:
+            refs = self.pool.get(text_key(example.query))
+            if refs is not None:  # positives by text were dropped when the pool was built; by id here (cheap)
+                if example.positive_ids:
+                    refs = refs[~np.isin(refs, self.corpus.rows(example.positive_ids))]
+                texts = None
+            else:
+                positives = {t.strip() for t in example.positives}
+                texts = [t for t in example.negatives if t.strip() not in positives]
+            size = len(refs) if texts is None else len(texts)
+            if not size:
                 raise ValueError(f"query {example.query_id or example.query[:60]!r} has no hard negatives "
                                  "(every mined candidate was a positive); raise range_max or mine_pool")
-            picks = rng.choice(len(pool), size=n_hard, replace=len(pool) < n_hard)
-            out += [pool[i] for i in picks]
+            picks = rng.choice(size, size=n_hard, replace=size < n_hard)
+            out += [self._text(refs[i]) for i in picks] if texts is None else [texts[i] for i in picks]
         return out + self._random(example, rng, self.options.random_per_query)
