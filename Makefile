@@ -8,7 +8,7 @@ EXTRAS ?= test,bm25,serve,mteb,openvino
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.negatron-installed
 
-.PHONY: install quickstart reproduce browser test test-all test-fast clean
+.PHONY: install quickstart reproduce bench browser test test-all test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ quickstart: install
 # Re-measure the published figures of configs/reproductions/*.yaml on ../shared/data (measured vs published, ✓/✗).
 reproduce: install
 	$(BIN)/negatron reproduce
+
+# Re-run the speed benchmarks on this machine and rewrite docs/benchmarks.md's generated tables (~40 min on
+# 2 cores). BENCH_ARGS="--only encode", "--dry-run", or "--only ablation|ranker|scale" for the multi-hour runs.
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python bench/run_benchmarks.py $(BENCH_ARGS)
 
 # Headless Chromium for the report screenshot test; best effort (needs root and apt-get), tests skip without it.
 browser:

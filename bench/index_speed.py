@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--factory", action="append", help='FAISS factory to time (repeatable; default Flat, HNSW32, IVF128,Flat)')
+    ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     import faiss
 
@@ -48,7 +49,7 @@ def main() -> None:
         (folder / "manifest.json").write_text(json.dumps({"model": "random", "checkpoint_hash": "-", "dim": args.dim, "count": args.count,
                                                            "dtype": "float16", "shard_size": args.count, "num_shards": 1, "complete": True}))
         store = EmbeddingStore.open(folder)
-        exact = None
+        exact, rows_out = None, []
         for factory in factories:
             index = DenseIndex.build(store, Path(tmp) / factory.replace(",", "_"), factory=factory)
             index.search(queries[:10], args.k)
@@ -59,7 +60,14 @@ def main() -> None:
             recall = np.mean([len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(rows, exact)])
             mb = index.manifest["index_bytes"] / 2**20
             print(f"| {index.manifest['factory']} | {index.manifest['build_seconds']:.2f} | {qps:.0f} | {recall:.3f} | {mb:.1f} |", flush=True)
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+            rows_out.append({"factory": index.manifest["factory"], "build_seconds": index.manifest["build_seconds"],
+                             "qps": qps, "recall_at_10": float(recall), "index_mb": mb})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {peak:.0f} MB")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d"), "count": args.count, "dim": args.dim, "queries": args.queries, "k": args.k,
+            "faiss_threads": faiss.omp_get_max_threads(), "peak_rss_mb": peak, "rows": rows_out}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--scratch", default="/tmp/negatron-bench-train")
     parser.add_argument("--markdown", help="write the results section to this file")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--one", choices=["negatron", "sentence-transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -115,6 +116,12 @@ def main() -> None:
     table += [f"| {p} | {st:.2f} | {ng:.2f} | {ng / st:.2f}x |" for p, st, ng in rows]
     report = "\n".join(table)
     print(report)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "date": date.today().isoformat(), "threads": args.threads, "batch_size": args.batch_size,
+            "max_length": args.max_length, "steps": args.steps, "warmup": args.warmup,
+            "rows": [{"precision": p, "sentence_transformers_pairs_per_s": st, "negatron_pairs_per_s": ng,
+                      "speedup": ng / st} for p, st, ng in rows]}, indent=2) + "\n")
     if args.markdown:
         cmd = " ".join(["python bench/train_throughput.py"] + sys.argv[1:])
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)

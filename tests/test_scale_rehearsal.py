@@ -53,9 +53,10 @@ def test_small_rehearsal_stays_within_the_memory_bound(cache, tmp_path):
     result = sr.rehearse(5_000, cache, tmp_path / "work", steps=10, threads=1, stages=stages, timeout=300)
     rows = {r["stage"]: r for r in result["rows"]}
     assert set(rows) == stages - {"serve"} | {"serve + refresh under load"}
-    bound = 1.5 * result["emb_fp16_mib"] + result["model_mib"] + sr.CONSTANT_MIB
-    over = {s: r["peak_rss_mib"] for s, r in rows.items() if r["peak_rss_mib"] > bound}
-    assert not over, f"stages over the bound of {bound:.0f} MiB: {over}"
+    over = {s: (r["peak_rss_mib"], r["bound_mib"]) for s, r in rows.items() if not r["within_bound"]}
+    assert not over, f"stages over their bound (peak, bound MiB): {over}"
+    bound = sr.memory_bound(result["emb_fp16_mib"], result["model_mib"])
+    assert all(r["bound_mib"] == round(bound, 1) for s, r in rows.items() if s != "train-ance")  # one role each
     assert all(r["peak_rss_mib"] > 50 and r["wall_s"] > 0 for r in rows.values())  # the measurement saw the child
     assert rows["encode"]["disk_mib"] >= result["emb_fp16_mib"]
     assert (tmp_path / "work" / "eval").is_dir() and (tmp_path / "work" / "mined.jsonl").is_file()
