@@ -1,5 +1,6 @@
 """torch.distributed helpers: process-group setup from torchrun's environment, an all-gather that keeps
-gradients, and one gradient all-reduce per optimizer step.
+gradients, one gradient all-reduce per optimizer step, and object gather/broadcast for decisions every
+process must share (checkpoint scoring's best/early-stop verdict).
 
 Why not ``DistributedDataParallel``: a bi-encoder step runs several forwards before one backward (queries,
 documents, and with GradCache one re-run per chunk), which DDP's reducer does not support without
@@ -100,6 +101,15 @@ def gather_objects(obj, ctx: DistContext) -> list:
     out = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj, ctx: DistContext, src: int = 0):
+    """Process ``src``'s picklable ``obj`` on every process (the others pass anything, e.g. None)."""
+    if not ctx.enabled:
+        return obj
+    box = [obj if ctx.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def barrier(ctx: DistContext) -> None:

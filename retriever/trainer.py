@@ -106,9 +106,10 @@ class Trainer:
             self.optimizer, int(round(t.warmup_ratio * schedule_steps)), schedule_steps)
 
     def _make_scorer(self):
-        """The checkpoint scorer of the ``evaluation`` section (main process only), or None."""
+        """The checkpoint scorer of the ``evaluation`` section, or None. Every process holds one: scoring is
+        a collective (each rank encodes its shards of the dev collections, rank 0 scores and broadcasts)."""
         ev = self.config.evaluation
-        if ev is None or not self.dist.is_main:
+        if ev is None:
             return None
         from eval.checkpoint_scoring import CheckpointScorer
 
@@ -270,18 +271,17 @@ class Trainer:
         return final
 
     def _score_checkpoint(self, step: int) -> bool:
-        """Score the model on the dev sets when due; True when early stopping says to stop."""
-        stop = False
-        if self.scorer is not None and self.scorer.due(step):
-            line = self.scorer.score(self.model, step, self.output_dir)
+        """Score the model on the dev sets when due (every process takes part, see ``_make_scorer``); True
+        when early stopping says to stop, on every process alike (the scorer broadcasts rank 0's verdict)."""
+        if self.scorer is None or not self.scorer.due(step):
+            return False
+        line = self.scorer.score(self.model, step, self.output_dir, dist=self.dist)
+        if self.dist.is_main:
             if line["improved"] and self.scorer.keep_best:
                 self.strategy.on_model_saved(self.output_dir / "best", "best")
             print(f"step {step}: dev {line['metric']} {line['score']:.4f} (best {line['best_score']:.4f} "
                   f"at step {line['best_step']})", flush=True)
-            stop = self.scorer.should_stop
-        if self.config.evaluation is not None:
-            stop = bool(gather_objects(stop, self.dist)[0])  # every process follows the main one's decision
-        return stop
+        return self.scorer.should_stop
 
     def _save_checkpoint(self, step: int) -> None:
         states = gather_objects(rng_state(), self.dist)

@@ -147,3 +147,23 @@ def test_sub_collection_config_key():
     assert ev.sub_collection == 100_000 and EvaluationConfig(dev_sets=[{"path": "x"}]).sub_collection is None
     with pytest.raises(ValueError):
         EvaluationConfig(dev_sets=[{"path": "x"}], sub_collection=0)
+
+
+def test_sub_corpus_is_a_corpus_over_its_rows(dev_set):
+    """The sub-collection is a Corpus view (so index.encode.encode_corpus can shard it): slices, ids and
+    id lookups stay within its rows."""
+    from eval.checkpoint_scoring import SubCorpus
+    from retriever.data import Corpus, load_beir
+
+    corpus = load_beir(dev_set, "dev", check_ids=False).corpus
+    rows = np.array([1, 4, 7])
+    sub = SubCorpus(corpus, rows)
+    assert isinstance(sub, Corpus) and len(sub) == 3 and sub.path == corpus.path
+    assert [d.id for d in sub[0:3]] == list(sub.ids) == [corpus.ids[int(r)] for r in rows]
+    assert [d.id for d in sub] == list(sub.ids) and sub[1].id == corpus.ids[4]
+    assert sub.texts([2]) == [corpus[7].full_text]
+    inside, outside = corpus.ids[4], corpus.ids[0]
+    assert inside in sub and outside not in sub and "no-such-id" not in sub
+    assert sub.row(inside) == 1 and sub.get(inside).id == inside
+    with pytest.raises(KeyError):
+        sub.row(outside)
