@@ -29,8 +29,8 @@ quickstart: install
 reproduce: install
 	$(BIN)/negatron reproduce
 
-# Re-run the speed benchmarks on this machine and rewrite docs/benchmarks.md's generated tables (~40 min on
-# 2 cores). BENCH_ARGS="--only encode", "--dry-run", or "--only ablation|ranker|scale" for the multi-hour runs.
+# Re-run the speed benchmarks on this machine and rewrite docs/benchmarks.md's generated tables.
+# BENCH_ARGS="--only encode", "--dry-run", or "--only ablation|ranker|scale" for the multi-hour runs.
 BENCH_ARGS ?=
 bench: install
 	$(BIN)/python bench/run_benchmarks.py $(BENCH_ARGS)

@@ -44,8 +44,9 @@ class MiningClient:
     def version(self) -> int:
         return int(self.status()["version"])
 
-    def refresh(self, checkpoint_path: str | Path | None = None, block: bool = False) -> bool:
-        body = {"checkpoint_path": str(checkpoint_path) if checkpoint_path is not None else None, "block": block}
+    def refresh(self, checkpoint_path: str | Path | None = None, block: bool = False, catch_up: bool = False) -> bool:
+        body = {"checkpoint_path": str(checkpoint_path) if checkpoint_path is not None else None, "block": block,
+                "catch_up": catch_up}
         return bool(self._call("POST", "/v1/refresh", body)["started"])
 
     def close(self) -> None:

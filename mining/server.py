@@ -1,7 +1,7 @@
 """HTTP front of :class:`mining.service.MiningService` (FastAPI; run with uvicorn).
 
 ``POST /v1/mine`` (body: :class:`MineRequest`) -> ``{"version", "results": [MineResult...]}``;
-``GET /v1/status``; ``GET /v1/health``; ``POST /v1/refresh`` (``{"checkpoint_path"?, "block"?}``).
+``GET /v1/status``; ``GET /v1/health``; ``POST /v1/refresh`` (``{"checkpoint_path"?, "block"?, "catch_up"?}``).
 Endpoints are plain ``def`` so FastAPI runs them in its thread pool: a search never blocks the event
 loop, and a refresh runs in the service's own background thread.
 """
@@ -25,6 +25,7 @@ class RefreshRequest(BaseModel):
 
     checkpoint_path: str | None = None
     block: bool = False
+    catch_up: bool = False  # a refresh asked for while one runs is built right after it (not dropped)
 
 
 def create_app(service: MiningService) -> FastAPI:
@@ -50,7 +51,7 @@ def create_app(service: MiningService) -> FastAPI:
 
     @app.post("/v1/refresh")
     def refresh(req: RefreshRequest) -> dict:
-        started = service.refresh(req.checkpoint_path, block=req.block)
+        started = service.refresh(req.checkpoint_path, block=req.block, catch_up=req.catch_up)
         return {"started": started, **service.status()}
 
     return app

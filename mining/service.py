@@ -310,6 +310,8 @@ class MiningService:
             "refresh_every_minutes": self.refresh_every,
             "max_k": getattr(cur.index, "max_k", None),
             "device": self.device,
+            # every version served so far -> the checkpoint step it was built from (JSON keys are strings)
+            "version_steps": {str(v): s for v, s in sorted(self._version_steps.items())},
         }
 
     @property

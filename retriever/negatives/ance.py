@@ -19,6 +19,11 @@ model and, with ``wait_for_refresh``, the negatives equal the uninterrupted run'
 
 Under torchrun one service on the main process serves every rank: it mines the next step's negatives and
 broadcasts them, so all ranks build the same global batch.
+
+With ``service_url`` no service is started: the main process queries an external ``negatron serve`` (another
+process or GPU; :class:`RemoteService`) and asks it to refresh from the same snapshots, which it must read at
+the same path. Its version numbers tag the answers; with ``wait_for_refresh`` a resumed run has the server
+rebuild the checkpoint's index and equals an uninterrupted run except for those numbers (docs/strategies.md).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +60,27 @@ class ANCEOptions(MarginFilter, StrategyOptions):
     index: IndexOptions = Field(default_factory=IndexOptions, description="FAISS settings of the first index "
                                 "(factory, nprobe, ef_search, train_sample, gpu; default factory auto); "
                                 "refreshes rebuild with the same factory")
+    service_url: str | None = Field(None, description="base URL of an external `negatron serve` (e.g. "
+                                    "http://gpu-host:8765) to query instead of starting a service in process; it "
+                                    "must see <run>/ance/snapshots at the same path to refresh from them")
 
     @model_validator(mode="after")
     def _check(self) -> "ANCEOptions":
+        if self.service_url is not None:
+            from urllib.parse import urlsplit
+
+            url = urlsplit(self.service_url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError(f"service_url must be an http(s) URL such as http://127.0.0.1:8765, got "
+                                 f"{self.service_url!r}")
+            # settings of the in-process index have no effect on an external server's: refused, not ignored
+            keys = " and ".join(f"options.{key}" for key, default in (("index", IndexOptions()),
+                                                                        ("encode_batch_size", 64))
+                                if getattr(self, key) != default)
+            if keys:
+                raise ValueError(f"{keys} cannot be combined with options.service_url: the external server encodes "
+                                 "and indexes with its own settings (`negatron index build` / `negatron serve`); "
+                                 f"drop {keys} or options.service_url")
         if self.range_min >= self.k:
             raise ValueError(f"range_min ({self.range_min}) must be below k ({self.k})")
         if self.pool is not None and self.range_min + self.pool > self.k:
@@ -97,8 +121,43 @@ class ANCENegatives(NegativeStrategy):
         if getattr(trainer, "resume_from", None) is not None:
             return  # load_state_dict starts the service from the checkpoint's snapshot
         if self._dist.is_main:
-            self._start_service(self._snapshot(0), version=1)
+            if self.options.service_url:
+                self._connect()
+                self._start_remote_index()
+            else:
+                self._start_service(self._snapshot(0), version=1)
         self._prefetch(0)
+
+    # ------------------------------------------------------------------ external service
+    def _connect(self) -> None:
+        """Open the external server (``service_url``) and refuse one this run cannot use."""
+        from retriever.config import ConfigError
+
+        remote = RemoteService(self.options.service_url)
+        status = remote.status()
+        if int(status["corpus_size"]) != len(self.corpus):
+            remote.close()
+            raise ConfigError(f"negatives.options.service_url: the server at {remote.base_url} indexes "
+                              f"{int(status['corpus_size']):,} documents but this run's corpus ({self.corpus_file}, "
+                              f"negatives.options.corpus) has {len(self.corpus):,}: serve the run's corpus")
+        if self.options.wait_for_refresh and (status.get("watch_dir") or status.get("refresh_every_minutes")):
+            remote.close()
+            raise ConfigError("negatives.options.wait_for_refresh with negatives.options.service_url needs a server "
+                              "that refreshes only when the run asks: the one at "
+                              f"{remote.base_url} was started with --watch / --refresh-every, so its index "
+                              "changes on its own; restart it without them or set wait_for_refresh: false")
+        self.service = remote
+
+    def _start_remote_index(self) -> None:
+        """A fresh run starts from an index of its starting model: the server's as it is when the server was
+        started with the run's ``model.name``, otherwise one built from the step-0 snapshot (waited for)."""
+        status = self.service.wait_idle() if self.options.wait_for_refresh else self.service.status()
+        if _same_path(status.get("model"), self.trainer.config.model.name):
+            return
+        snapshot = self._snapshot(0)
+        logger.info("ANCE: the server at %s serves %s, not this run's starting model; building an index of %s",
+                    self.service.base_url, status.get("model"), snapshot)
+        self.service.refresh(snapshot, block=True, catch_up=True)
 
     def _start_service(self, snapshot: Path, version: int) -> None:
         """Encode the corpus with ``snapshot`` (always: an index left by an earlier run may come from
@@ -125,7 +184,7 @@ class ANCENegatives(NegativeStrategy):
     def _snapshot(self, step: int) -> Path:
         from retriever.checkpoint import preserved_rng
 
-        path = self.work_dir / "snapshots" / f"step-{step}"
+        path = (self.work_dir / "snapshots" / f"step-{step}").resolve()  # absolute: an external server loads it
         with preserved_rng():
             self.trainer.model.save(path)
         return path
@@ -244,6 +303,11 @@ class ANCENegatives(NegativeStrategy):
         """Called on the main process when a checkpoint is saved: which snapshot and version serve now."""
         if self.service is None:
             return {}
+        if isinstance(self.service, RemoteService):  # one status read: version, step and model agree
+            status = self.service.status()
+            self._checkpointed_step = status.get("checkpoint_step")
+            return {"index_version": int(status["version"]), "index_step": self._checkpointed_step,
+                    "index_model": status.get("model"), "last_row": dict(self._last_row)}
         self._checkpointed_step = self._live_step()
         return {"index_version": self.service.version, "index_step": self._checkpointed_step,
                 "last_row": dict(self._last_row)}
@@ -257,7 +321,10 @@ class ANCENegatives(NegativeStrategy):
             self._truncate_log(step)
             self._last_row = dict(state.get("last_row") or {})
             snapshot = self.work_dir / "snapshots" / f"step-{state.get('index_step')}"
-            if state and ((snapshot / "modules.json").exists() or (snapshot / "negatron.json").exists()):
+            if self.options.service_url:
+                self._connect()
+                self._resume_remote_index(state, snapshot, step)
+            elif state and ((snapshot / "modules.json").exists() or (snapshot / "negatron.json").exists()):
                 self._start_service(snapshot, version=int(state["index_version"]))
             else:  # an older checkpoint, or its snapshot is gone: index and queries from the resumed weights
                 logger.warning("ANCE resume: snapshot %s is missing; re-indexing with the checkpoint's weights",
@@ -265,6 +332,20 @@ class ANCENegatives(NegativeStrategy):
                 self._start_service(self._snapshot(step), version=int(state.get("index_version", 0)) + 1)
             self._checkpointed_step = self._live_step()
         self._prefetch(step)
+
+    def _resume_remote_index(self, state: dict, snapshot: Path, step: int) -> None:
+        """Make the external server serve the index the checkpoint's negatives came from: kept when it still
+        does (same model path), else rebuilt from that model (the snapshot, or the server's starting model)
+        and waited for; when that model is gone, from the resumed weights (as in process)."""
+        target = state.get("index_model") or (str(snapshot.resolve()) if _is_model_dir(snapshot) else None)
+        status = self.service.wait_idle()
+        if target is not None and _same_path(status.get("model"), target):
+            return
+        if target is None or not Path(target).exists():
+            logger.warning("ANCE resume: the checkpoint's index model %s is missing; re-indexing with the "
+                           "checkpoint's weights", target)
+            target = self._snapshot(step)
+        self.service.refresh(target, block=True, catch_up=True)
 
     def _truncate_log(self, step: int) -> None:
         from retriever.io import write_text_atomic
@@ -277,6 +358,120 @@ class ANCENegatives(NegativeStrategy):
         """Let a running refresh (and its catch-up) finish and stop the service."""
         if self.service is not None:
             self.service.close(wait=True)
+
+
+class RemoteService:
+    """The trainer's view of an external ``negatron serve``: the in-process service's methods that ANCE uses
+    (``mine``, ``refresh``, ``version``, ``checkpoint_step_of``, ``close``) over :class:`mining.client.MiningClient`.
+
+    A blocking refresh is asked for without ``block`` and then polled (``/v1/status``) until the server serves
+    that checkpoint, so no HTTP request stays open for the length of a corpus re-encode; ``close`` closes the
+    connection only (the server keeps running)."""
+
+    def __init__(self, base_url: str, timeout: float = 300.0, connect_wait: float = 30.0,
+                 poll_seconds: float = 2.0):
+        import httpx
+
+        from mining.client import MiningClient
+
+        self._client = MiningClient(base_url, timeout=timeout)
+        self.base_url = self._client.base_url
+        self._timeout = timeout
+        self.poll_seconds = poll_seconds
+        self.versions_seen: set[int] = set()
+        self._steps: dict[int, int | None] = {}
+        deadline = time.monotonic() + connect_wait
+        while True:  # a server started beside the trainer may still be loading
+            try:
+                self.client.health()
+                break
+            except httpx.TransportError as exc:
+                if time.monotonic() > deadline:
+                    self._client.close()
+                    raise ConnectionError(f"no mining server answers at {self.base_url} "
+                                          f"(negatives.options.service_url): {exc}; start one with `negatron serve "
+                                          "--index ... --model ... --corpus ...`") from exc
+                time.sleep(0.5)
+
+    @property
+    def client(self):
+        """The HTTP client, opened again after :meth:`close` (a checkpoint saved after the last step reads the
+        server's status once more)."""
+        if self._client._http.is_closed:
+            from mining.client import MiningClient
+
+            self._client = MiningClient(self.base_url, timeout=self._timeout)
+        return self._client
+
+    def status(self) -> dict:
+        status = self.client.status()
+        self._steps.update({int(v): s for v, s in (status.get("version_steps") or {}).items()})
+        self._steps.setdefault(int(status["version"]), status.get("checkpoint_step"))
+        return status
+
+    @property
+    def version(self) -> int:
+        return int(self.status()["version"])
+
+    def checkpoint_step_of(self, version: int) -> int | None:
+        if version not in self._steps:
+            self.status()
+        return self._steps.get(version)
+
+    def mine(self, queries, **options):
+        results = self.client.mine(queries, **options)
+        self.versions_seen.update(r.version for r in results)
+        return results
+
+    def refresh(self, checkpoint_path, block: bool = False, catch_up: bool = False) -> bool:
+        started = self.client.refresh(checkpoint_path, block=False, catch_up=catch_up)
+        if block:
+            self.wait_for(str(checkpoint_path))
+        return started
+
+    def wait_for(self, model_path: str) -> dict:
+        """Poll until the server serves an index built from ``model_path``; raise when its refreshes end
+        without one (the build failed: the server's ``last_error`` is in the message)."""
+        delay = 0.05
+        while True:
+            status = self.status()
+            if status.get("model") == model_path:
+                self.versions_seen.add(int(status["version"]))
+                return status
+            if not status.get("refresh_in_progress"):
+                raise RuntimeError(f"the mining server at {self.base_url} did not build an index from {model_path}: "
+                                   f"{status.get('last_error') or 'no refresh ran'}")
+            time.sleep(delay)
+            delay = min(delay * 2, self.poll_seconds)
+
+    def wait_idle(self) -> dict:
+        """Poll until no refresh is running (one asked for by an earlier run, say) and return the status."""
+        delay = 0.05
+        while True:
+            status = self.status()
+            if not status.get("refresh_in_progress"):
+                return status
+            time.sleep(delay)
+            delay = min(delay * 2, self.poll_seconds)
+
+    def close(self, wait: bool = True) -> None:
+        """Close the connection; the server keeps running (and finishes any refresh it is building)."""
+        self._client.close()
+
+
+def _same_path(a, b) -> bool:
+    if a is None or b is None:
+        return False
+    if str(a) == str(b):
+        return True
+    try:
+        return Path(a).exists() and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "modules.json").exists() or (path / "negatron.json").exists()
 
 
 def _snapshot_step(path: Path) -> int | None:
