@@ -101,6 +101,13 @@ def run_from_arrays(query_ids: list[str], doc_ids: list[str], scores, rows) -> d
     return run
 
 
+def trec_line(qid: str, doc_id: str, rank: int, score: float, tag: str) -> str:
+    """One TREC run line. The score is written exactly (shortest round-trip repr), because trec_eval
+    re-sorts by score: rounding to 6 decimals turns near-ties into ties broken by doc id, and the
+    file then scores differently from the in-memory run."""
+    return f"{qid} Q0 {doc_id} {rank} {float(score)!r} {tag}\n"
+
+
 def write_trec_run(path, run: Run, tag: str = "negatron") -> None:
     """TREC run format ``qid Q0 docid rank score tag``, ranks from 1 in score order."""
     from retriever.io import atomic_write
@@ -109,7 +116,7 @@ def write_trec_run(path, run: Run, tag: str = "negatron") -> None:
         for qid, docs in run.items():
             ranked = sorted(docs.items(), key=lambda item: item[1], reverse=True)
             for rank, (doc_id, score) in enumerate(ranked, start=1):
-                fh.write(f"{qid} Q0 {doc_id} {rank} {score:.6f} {tag}\n")
+                fh.write(trec_line(qid, doc_id, rank, score, tag))
 
 
 def read_trec_run(path) -> dict[str, dict[str, float]]:

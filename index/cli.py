@@ -88,12 +88,13 @@ def bm25_command(
 
 
 def write_trec_run(path: Path, run: dict[str, list[tuple[str, float]]], tag: str) -> None:
+    from eval.metrics import trec_line
     from retriever.io import atomic_write
 
     with atomic_write(path, "w") as fh:
         for qid, hits in run.items():
             for rank, (docid, score) in enumerate(hits, start=1):
-                fh.write(f"{qid} Q0 {docid} {rank} {score:.6f} {tag}\n")
+                fh.write(trec_line(qid, docid, rank, score, tag))
 
 
 def search_command(

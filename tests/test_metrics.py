@@ -69,6 +69,19 @@ def test_equals_beir_evaluate_retrieval(tmp_path):
         assert round(ours[f"mrr@{k}"], 5) == pytest.approx(mrr[f"MRR@{k}"], abs=1e-6)
 
 
+def test_run_file_scores_like_the_run_it_was_written_from(tmp_path):
+    """Near-ties (float32 scores 1e-8 apart) survive the TREC file: trec_eval re-sorts by score and
+    breaks exact ties by doc id, so a rounded file would rank 'a-rel' first here and score 1.0."""
+    scores = np.float32([0.93750006, 0.93750000])  # adjacent float32 values
+    run = {"q": {"z-other": float(scores[0]), "a-rel": float(scores[1])}}
+    qrels = {"q": {"a-rel": 1}}
+    write_trec_run(tmp_path / "run.trec", run)
+    assert read_trec_run(tmp_path / "run.trec") == run
+    in_memory, _ = compute_metrics(qrels, run, metrics=["ndcg@10"])
+    from_file, _ = compute_metrics(qrels, read_trec_run(tmp_path / "run.trec"), metrics=["ndcg@10"])
+    assert in_memory == from_file and in_memory["ndcg@10"] < 1.0
+
+
 def test_exact_search_matches_brute_force_and_streams_blocks():
     rng = np.random.default_rng(1)
     q = rng.standard_normal((40, 24)).astype(np.float32)
