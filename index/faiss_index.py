@@ -217,10 +217,11 @@ class DenseIndex:
                         sample.nbytes / 2**20)
             index.train(sample)
             del sample
-        for emb in _raw_shards(store):
-            for start in range(0, len(emb), 65_536):  # convert 65k rows at a time, never a whole shard
-                chunk = np.ascontiguousarray(emb[start:start + 65_536], dtype=np.float32)
-                index.add(_normalized(chunk, inplace=True) if metric == "cosine" else chunk)
+        if not gpu_ok and isinstance(cpu_index, faiss.IndexFlatCodes):
+            _fill_flat_codes(cpu_index, store, metric)
+        else:
+            for chunk in _float32_chunks(store, metric):
+                index.add(chunk)
         build_seconds = time.perf_counter() - started
 
         nlist = _nlist(cpu_index)
@@ -358,6 +359,33 @@ class DenseIndex:
     def __repr__(self) -> str:
         m = self.manifest
         return f"DenseIndex(count={self.count}, dim={self.dim}, factory={m.get('factory')!r}, metric={m.get('metric')!r}, model={m.get('model')!r})"
+
+
+ADD_CHUNK_ROWS = 65_536  # rows converted to float32 at a time, never a whole shard
+
+
+def _float32_chunks(store: EmbeddingStore, metric: str):
+    for emb in _raw_shards(store):
+        for start in range(0, len(emb), ADD_CHUNK_ROWS):
+            chunk = np.ascontiguousarray(emb[start:start + ADD_CHUNK_ROWS], dtype=np.float32)
+            yield _normalized(chunk, inplace=True) if metric == "cosine" else chunk
+
+
+def _fill_flat_codes(index, store: EmbeddingStore, metric: str) -> None:
+    """Flat, SQ and PQ (``IndexFlatCodes``) hold one code array. ``index.add`` grows it chunk by chunk, and
+    each growth past capacity copies it (old + new array resident: ~1.6x the final size at 8.8M x Flat);
+    sizing it once and encoding each chunk into place (``sa_encode``, the codes ``add`` would write) peaks
+    at the final size."""
+    import faiss
+
+    size = index.code_size
+    index.codes.resize(store.count * size)
+    codes = faiss.rev_swig_ptr(index.codes.data(), store.count * size)  # a numpy view of the index's codes
+    row = 0
+    for chunk in _float32_chunks(store, metric):
+        codes[row * size:(row + len(chunk)) * size] = index.sa_encode(chunk).ravel()
+        row += len(chunk)
+    index.ntotal = store.count
 
 
 def _raw_shards(store: EmbeddingStore):

@@ -56,6 +56,27 @@ def test_cosine_normalises_queries(store, tmp_path):
     assert np.all(s_small[:, 0] <= 1.0001)
 
 
+@pytest.mark.parametrize("factory,metric", [("Flat", "ip"), ("SQfp16", "ip"), ("Flat", "cosine"), ("PQ4", "ip")])
+def test_flat_codes_are_filled_in_place_as_add_would_write_them(store, tmp_path, factory, metric):
+    """Flat/SQ/PQ codes are sized once and encoded into place (no growth copies): the same bytes
+    FAISS's own ``add`` writes, and the same search results."""
+    import faiss
+
+    built = DenseIndex.build(store, tmp_path / "ix", factory=factory, metric=metric)
+    reference = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
+    docs = store.load_all()
+    if metric == "cosine":
+        docs = docs / np.linalg.norm(docs, axis=1, keepdims=True)
+    if not reference.is_trained:  # PQ: train as the build did (same sample, same seed)
+        reference = faiss.deserialize_index(faiss.serialize_index(built.index))
+        reference.reset()
+    reference.add(docs)
+    assert built.index.ntotal == reference.ntotal == 1000
+    np.testing.assert_array_equal(faiss.vector_to_array(built.index.codes), faiss.vector_to_array(reference.codes))
+    loaded = DenseIndex.load(tmp_path / "ix")
+    np.testing.assert_array_equal(loaded.search(docs[:30], 10)[1], reference.search(docs[:30], 10)[1])
+
+
 @pytest.mark.parametrize("factory", ["HNSW32", "IVF16,Flat"])
 def test_approximate_factories_find_the_documents_themselves(store, tmp_path, factory):
     index = DenseIndex.build(store, tmp_path / "ix", factory=factory)

@@ -48,7 +48,7 @@ def test_growth_exponents():
 
 
 def test_small_rehearsal_stays_within_the_memory_bound(cache, tmp_path):
-    stages = {"read", "encode", "index-flat", "index-ivf", "mine", "train-inbatch", "train-star", "train-adore",
+    stages = {"read", "encode", "index-exact", "index-ivf", "mine", "train-inbatch", "train-star", "train-adore",
               "train-ance", "eval", "serve"}
     result = sr.rehearse(5_000, cache, tmp_path / "work", steps=10, threads=1, stages=stages, timeout=300)
     rows = {r["stage"]: r for r in result["rows"]}

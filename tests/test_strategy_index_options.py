@@ -63,6 +63,36 @@ def test_options_reach_the_built_index_manifest(mini, tmp_path, options, manifes
         assert written[key] == value and dense.manifest[key] == value, key
 
 
+def test_a_prepared_embeddings_folder_is_reused_and_another_models_refused(mini, tmp_path, caplog):
+    """``index.embeddings``: the corpus encoded beforehand (e.g. under torchrun) is not re-encoded; a folder
+    from other weights is refused by encoding's own check, naming the folder and the differing fingerprint."""
+    import torch
+
+    from index.encode import encode_corpus
+    from retriever.data import Corpus, DataError
+    from retriever.modeling import BiEncoder
+
+    folder, model_dir = mini
+    model, corpus = BiEncoder.from_pretrained(model_dir), Corpus(folder / "corpus.jsonl")
+    prepared = encode_corpus(model, corpus, tmp_path / "prepared", bf16=False, show_progress=False)
+    shard = tmp_path / "prepared" / "shard-00000.npy"
+    written = shard.stat().st_mtime_ns
+    options = {"factory": "Flat", "embeddings": str(tmp_path / "prepared")}
+    with caplog.at_level(logging.INFO):
+        dense, store = build_index(model, corpus, tmp_path / "run", bf16=False, options=options)
+    assert shard.stat().st_mtime_ns == written and not (tmp_path / "run" / "embeddings").exists()
+    assert store.folder == tmp_path / "prepared" and dense.count == prepared.count == 120
+    assert any("negatives.options.index.embeddings" in r.getMessage() for r in caplog.records)
+    # not reused when the caller says so (ANCE's later versions): encoded into the run's own folder
+    build_index(model, corpus, tmp_path / "later", bf16=False, options=options, reuse_embeddings=False)
+    assert (tmp_path / "later" / "embeddings" / "shard-00000.npy").is_file()
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    with pytest.raises(DataError) as err:
+        build_index(model, corpus, tmp_path / "other", bf16=False, options=options)
+    assert "checkpoint_hash" in str(err.value) and str(tmp_path / "prepared") in str(err.value)
+
+
 @pytest.mark.parametrize("strategy", INDEX_BACKED)
 def test_every_index_backed_strategy_takes_the_index_section(mini, strategy):
     folder, model = mini
@@ -70,7 +100,7 @@ def test_every_index_backed_strategy_takes_the_index_section(mini, strategy):
                                                                                     "nprobe": 8, "gpu": "no"}}))
     index = cfg.negatives.options["index"]  # defaults explicit in the run's config.yaml
     assert index == {"factory": "IVF64,SQfp16", "nprobe": 8, "ef_search": None, "train_sample": None, "gpu": "no",
-                     "auto_flat_below": AUTO_FLAT_BELOW}
+                     "auto_flat_below": AUTO_FLAT_BELOW, "embeddings": None}
     default = TrainConfig.model_validate(tiny_config(folder, model, strategy, {}))
     assert default.negatives.options["index"]["factory"] == "auto"
 

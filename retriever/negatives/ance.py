@@ -174,7 +174,8 @@ class ANCENegatives(NegativeStrategy):
         with preserved_rng():
             model = BiEncoder.from_pretrained(snapshot).to(device)
             build_index(model, Corpus(self.corpus_file), index_dir, batch_size=self.options.encode_batch_size,
-                        bf16=self.trainer.bf16, distributed=False, options=self.options.index)
+                        bf16=self.trainer.bf16, distributed=False, options=self.options.index,
+                        reuse_embeddings=snapshot.name == "step-0")  # the initial weights; later ones are newer
         # the service loads the snapshot itself (its path names the step the version was built from)
         self.service = MiningService(index_dir / "index", str(snapshot), corpus=self.corpus_file,
                                      work_dir=self.work_dir / "versions", device=device,

@@ -63,6 +63,11 @@ class IndexOptions(BaseModel):
                                               "else the CPU; yes: fail without a GPU; no: CPU")
     auto_flat_below: int = Field(AUTO_FLAT_BELOW, gt=0, description="factory auto: corpus size from which an IVF "
                                  "index replaces the exact Flat one")
+    embeddings: str | None = Field(None, description="an embeddings folder (`negatron encode`, e.g. run beforehand "
+                                   "under torchrun) of this corpus by the model that builds the first index (STAR's "
+                                   "warm-up model, ADORE's frozen document tower, ANCE/AR2's step 0): reused instead "
+                                   "of re-encoding; one from another model or corpus is refused; a missing one is "
+                                   "encoded there")
 
     @model_validator(mode="before")
     @classmethod
@@ -159,18 +164,23 @@ def training_queries(examples: Sequence[TrainingExample], indices: Sequence[int]
 
 
 def build_index(model, corpus: Corpus, folder: Path, batch_size: int | None = None, bf16: bool | None = None,
-                distributed: bool = True, options: IndexOptions | dict | None = None):
+                distributed: bool = True, options: IndexOptions | dict | None = None, reuse_embeddings: bool = True):
     """Encode ``corpus`` with ``model``'s document tower and build an inner-product FAISS index with the
     settings of ``options`` (:class:`IndexOptions`; default: ``factory: auto``).
 
-    Returns ``(DenseIndex, EmbeddingStore)``; files go to ``folder/embeddings`` and ``folder/index``.
-    ``distributed=False`` encodes on this process alone (a caller that runs only on the main process).
+    Returns ``(DenseIndex, EmbeddingStore)``; files go to ``folder/embeddings`` (or ``options.embeddings``,
+    when ``reuse_embeddings``: a complete folder of the same model and corpus is not re-encoded, encoding's
+    own resume check refuses any other) and ``folder/index``. ``distributed=False`` encodes on this process
+    alone (a caller that runs only on the main process).
     """
     from index.encode import encode_corpus
     from index.faiss_index import DenseIndex
 
     options = options if isinstance(options, IndexOptions) else IndexOptions.model_validate(options or {})
-    store = encode_corpus(model, corpus, folder / "embeddings", batch_size=batch_size, bf16=bf16, show_progress=False,
+    embeddings = Path(options.embeddings) if options.embeddings and reuse_embeddings else folder / "embeddings"
+    if embeddings != folder / "embeddings":
+        logger.info("index: embeddings from %s (negatives.options.index.embeddings)", embeddings)
+    store = encode_corpus(model, corpus, embeddings, batch_size=batch_size, bf16=bf16, show_progress=False,
                           distributed=distributed)
     factory = resolve_factory(options, store.count, store.dim)
     dense = DenseIndex.build(store, folder / "index", factory=factory, metric="ip", train_sample=options.train_sample,
