@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from index.openvino_backend import openvino_tower, resolve_backend
+from index.openvino_backend import OpenVINOTower, openvino_tower, resolve_backend
 from retriever.io import atomic_dir
 from retriever.memory import release_freed_memory
 from retriever.resolve import install_hint, resolve_model
@@ -247,9 +247,12 @@ class BiEncoder(nn.Module):
         order = np.argsort(-enc.lengths, kind="stable")
         tower = self.tower(kind)
         run = tower
+        batches = [order[start:start + batch_size] for start in range(0, len(texts), batch_size)]
         if resolve_backend(backend, device, bf16) == "openvino":
-            # longest and shortest text: an example with padding, so the traced graph keeps the mask
-            run = openvino_tower(tower, self._pad(enc, [order[0], order[-1]]), bf16) or tower
+            # longest and shortest text: an example with padding, so the traced graph keeps the mask;
+            # several batches are bulk work: compiled for throughput, every core its own batch
+            run = openvino_tower(tower, self._pad(enc, [order[0], order[-1]]), bf16,
+                                 throughput=len(batches) > 1) or tower
         was_training = tower.training
         tower.eval()
         own_bar = None
@@ -258,20 +261,32 @@ class BiEncoder(nn.Module):
 
             own_bar = ProgressDisplay().stage(f"encode {kind}s", len(texts), "texts")
             progress = own_bar.__enter__()
+
+        def padded():
+            for idx in batches:
+                yield idx, {k: v.to(device, non_blocking=True) for k, v in self._pad(enc, idx).items()}
+
+        def finished():
+            if isinstance(run, OpenVINOTower):
+                # the batch's mask travels with its key: batches finish out of order
+                for (idx, mask), hidden in run.map(((idx, batch["attention_mask"]), batch) for idx, batch in padded()):
+                    yield idx, mask, hidden
+                return
+            for idx, batch in padded():
+                outputs = run(**batch)
+                hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+                yield idx, batch["attention_mask"], hidden
+
         try:
             with autocast(device, bf16):
-                for start in range(0, len(texts), batch_size):
-                    idx = order[start:start + batch_size]
-                    batch = {k: v.to(device, non_blocking=True) for k, v in self._pad(enc, idx).items()}
-                    outputs = run(**batch)
-                    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-                    emb = pool(hidden.float(), batch["attention_mask"], self.pooling)
+                for done, (idx, mask, hidden) in enumerate(finished(), 1):
+                    emb = pool(hidden.float(), mask, self.pooling)
                     if self.normalize:
                         emb = nn.functional.normalize(emb, dim=-1)
                     out[idx] = emb.cpu().numpy()
                     if progress is not None:
                         progress.update(len(idx))
-                    if (start // batch_size) % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
+                    if done % TRIM_EVERY_BATCHES == 0:
                         # batches of falling length leave freed gaps on the heap that glibc keeps resident;
                         # without this a 100k-text call grew ~100 MiB a shard (an mmap threshold instead
                         # made the tiny rehearsal model 1.7x slower)

@@ -143,3 +143,40 @@ def test_encode_backend_block_sets_and_restores_the_default(monkeypatch):
         with ovb.encode_backend("torch"):
             raise RuntimeError("a failed command")
     assert "NEGATRON_ENCODE_BACKEND" not in os.environ
+
+
+def test_bulk_encoding_runs_batches_concurrently_and_puts_each_row_back(model, tmp_path, monkeypatch):
+    """Many batches go through a throughput-compiled model with several requests in flight; batches
+    finish out of order, and every embedding must still land in its own row."""
+    monkeypatch.setenv("NEGATRON_CACHE_DIR", str(tmp_path))
+    texts = [f"{w} passage number {i} " * (1 + i % 7) for i, w in enumerate(["dense", "sparse", "hybrid"] * 11)]
+    made = []
+    real = ovb.openvino_tower
+
+    def recording(tower, example, bf16=True, throughput=False):
+        runner = real(tower, example, bf16, throughput)
+        if throughput:
+            runner.jobs = 3  # more requests than cores: completion order is then up to the scheduler
+        made.append((throughput, runner))
+        return runner
+
+    monkeypatch.setattr("retriever.modeling.openvino_tower", recording)
+    ref = model.encode(texts, bf16=False, backend="torch", batch_size=2)
+    bulk = model.encode(texts, bf16=False, backend="openvino", batch_size=2)
+    single = model.encode(texts[:2], bf16=False, backend="openvino", batch_size=2)
+    assert [mode for mode, _ in made] == [True, False]  # 17 batches: throughput; one batch: latency
+    assert made[0][1] is not made[1][1]
+    np.testing.assert_allclose(bulk, ref, atol=2e-5)
+    np.testing.assert_allclose(single, ref[:2], atol=2e-5)
+
+
+def test_map_yields_every_key_with_its_own_output(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEGATRON_CACHE_DIR", str(tmp_path))
+    tower = model.tower("document")
+    batches = [dict(model.tokenize([t], "document")) for t in TEXTS]
+    runner = ovb.openvino_tower(tower, batches[-1], bf16=False, throughput=True)
+    runner.jobs = 4
+    got = dict(runner.map(enumerate(batches)))
+    assert sorted(got) == list(range(len(TEXTS)))
+    for key, batch in enumerate(batches):
+        np.testing.assert_allclose(got[key].numpy(), runner(**batch)[0].numpy(), atol=1e-6)
