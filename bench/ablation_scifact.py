@@ -51,6 +51,7 @@ def _bf16() -> bool:
 
 BF16 = _bf16()
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
+ATTENTION_DROPOUT: float | str | None = None  # --attention-dropout: None leaves the config default
 ARMS = ["zero-shot", "inbatch", "bm25", "star", "star-adore", "gist", "ar2", "ance", "tasb", "st-mnrl"]
 
 
@@ -58,7 +59,10 @@ def base_config(strategy: str, seed: int, options: dict | None = None, data: dic
     t = {"learning_rate": LR, "batch_size": BATCH, "epochs": 1, "warmup_ratio": 0.1, "temperature": 0.05,
          "bf16": BF16, "seed": seed, "log_every": 5}
     t.update(training)
-    return {"model": {"name": MODEL, "query_max_length": 64, "doc_max_length": 256},
+    model = {"name": MODEL, "query_max_length": 64, "doc_max_length": 256}
+    if ATTENTION_DROPOUT is not None:
+        model["attention_dropout"] = None if ATTENTION_DROPOUT == "checkpoint" else float(ATTENTION_DROPOUT)
+    return {"model": model,
             "data": data or {"beir": str(SCIFACT), "split": "train", "dev_fraction": DEV_FRACTION, "dev_seed": DEV_SEED},
             "negatives": {"strategy": strategy, "options": options or {}}, "training": t}
 
@@ -285,7 +289,7 @@ def _overrides(pairs: list[str], flag: str, kind=float) -> dict:
 
 
 def main() -> None:
-    global DEV_FRACTION
+    global DEV_FRACTION, ATTENTION_DROPOUT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
@@ -298,10 +302,14 @@ def main() -> None:
     parser.add_argument("--dev-fraction", type=float, default=DEV_FRACTION,
                         help="share of SciFact train held out as dev, the same for every arm (default %(default)s; "
                              "a --work folder holds runs of one fraction only)")
+    parser.add_argument("--attention-dropout", metavar="RATE|checkpoint",
+                        help="negatron arms' model.attention_dropout (default: the config default, 0); use its own "
+                             "--work folder per value")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "ablation.md")
     args = parser.parse_args()
     DEV_FRACTION = args.dev_fraction
+    ATTENTION_DROPOUT = args.attention_dropout
     lrs, epochs = _overrides(args.lr, "--lr"), _overrides(args.epochs, "--epochs", int)
     args.work.mkdir(parents=True, exist_ok=True)
     results_path = args.work / "results.json"
@@ -324,7 +332,7 @@ def main() -> None:
                 seconds = results[key]["train_s"]
             scores = evaluate(model_dir, dev, with_test=not args.dev_only)
             results[key] = {**scores, "seed": seed, "train_s": seconds, "model": model_dir,
-                            "dev_fraction": DEV_FRACTION}
+                            "dev_fraction": DEV_FRACTION, "attention_dropout": ATTENTION_DROPOUT}
             write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
             write_report(results, args.output)
             print(key, json.dumps({s: results[key][s] for s in ("dev", "test") if s in results[key]}), flush=True)

@@ -124,11 +124,18 @@ def train_rows(r: dict) -> list[list[str]]:
              f"{x['speedup']:.2f}×"] for x in r["rows"]]
 
 
-def service_rows(r: dict) -> list[list[str]]:
+def service_rows(report: dict) -> list[list[str]]:
+    return [service_row(r) for r in report.get("runs", [report])]  # one run per backend
+
+
+def service_row(r: dict) -> list[str]:
     versions = ", ".join(map(str, r["versions_in_answers"]))
-    return [[f"{r['answered']:,}", str(r["failed"]), f"{r['answered_during_refresh']:,}",
+    backend = r.get("backend", "auto")
+    if r.get("resolved_backend") and r["resolved_backend"] != backend:
+        backend += f" ({r['resolved_backend']})"
+    return [backend, f"{r['answered']:,}", str(r["failed"]), f"{r['answered_during_refresh']:,}",
              versions + (" (all valid)" if r["all_versions_valid"] else " (INVALID)"),
-             f"{r['p50_ms']} ms", f"{r['p99_ms']} ms", f"{r['requests_per_second']}", f"{r['refresh_seconds']} s"]]
+             f"{r['p50_ms']} ms", f"{r['p99_ms']} ms", f"{r['requests_per_second']}", f"{r['refresh_seconds']} s"]
 
 
 def rerank_rows(r: dict) -> list[list[str]]:
@@ -152,8 +159,8 @@ BENCHES = [
           lambda t, d: ["--steps", "10", "--warmup", "2", "--threads", str(t)],
           ("precision", "sentence-transformers pairs/s", "negatron pairs/s", "negatron / ST"), train_rows),
     Bench("service", "Mining service, 4 clients × 500 requests during a refresh", "service_load.py",
-          lambda t, d: ["--clients", "4", "--requests", "500"],
-          ("answered", "failed", "during the refresh", "versions", "p50", "p99", "req/s", "refresh"), service_rows),
+          lambda t, d: ["--clients", "4", "--requests", "500", "--backends", "auto", "torch"],
+          ("backend", "answered", "failed", "during the refresh", "versions", "p50", "p99", "req/s", "refresh"), service_rows),
     Bench("rerank", "Rerank throughput, 256 SciFact dev pairs", "rerank_speed.py",
           lambda t, d: ["--ranker", f"{RANKER}/ranker/final", "--run", f"{RANKER}/dev-first-stage.trec",
                         "--pairs", "256"],

@@ -6,6 +6,11 @@ tagged with a version the server has had. Reports p50/p99 latency and how many r
 while the refresh was in progress. Every loop is bounded; the server is stopped at the end.
 
     .venv/bin/python bench/service_load.py [--clients 4 --requests 500] [--docs 1000] [--json out.json]
+        [--backends auto torch]
+
+``--backends`` runs the whole test once per inference backend (the server's ``NEGATRON_ENCODE_BACKEND``:
+queries and the refresh's re-encode both use it); with more than one, the JSON holds one report per
+backend under ``runs``.
 """
 
 from __future__ import annotations
@@ -36,9 +41,22 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "torch", "openvino"],
+                        help="inference backend(s) of the server, one load test each")
     args = parser.parse_args()
+    runs = [load_test(args, backend) for backend in args.backends]
+    ok = all([run.pop("_ok") for run in runs])
+    report = runs[0] if len(runs) == 1 else {"runs": runs}
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    sys.exit(0 if ok else 1)
 
+
+def load_test(args, backend: str) -> dict:
     from index.encode import encode_corpus
+    from index.openvino_backend import encode_backend, resolve_backend
+    from retriever.modeling import bf16_supported
     from index.faiss_index import DenseIndex
     from mining.client import MiningClient
     from retriever.data import Corpus, read_queries
@@ -49,7 +67,8 @@ def main() -> None:
         for doc in source[: args.docs]:
             fh.write(json.dumps({"_id": doc.id, "title": doc.title, "text": doc.text}) + "\n")
     t0 = time.perf_counter()
-    store = encode_corpus(args.model, tmp / "corpus.jsonl", tmp / "emb", show_progress=False)
+    with encode_backend(backend):
+        store = encode_corpus(args.model, tmp / "corpus.jsonl", tmp / "emb", show_progress=False)
     DenseIndex.build(store, tmp / "index", factory="Flat", metric="ip")
     build_seconds = time.perf_counter() - t0
     queries = list(read_queries(args.data / "queries.jsonl").values())
@@ -60,7 +79,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "retriever.cli", "serve", "--index", str(tmp / "index"),
                                "--model", args.model, "--corpus", str(tmp / "corpus.jsonl"), "--port", str(port),
-                               "--work-dir", str(tmp / "versions")], cwd=ROOT)
+                               "--work-dir", str(tmp / "versions")], cwd=ROOT,
+                              env={**os.environ, "NEGATRON_ENCODE_BACKEND": backend})
     latencies: list[float] = []
     versions: list[int] = []
     during_refresh = [0]
@@ -128,7 +148,7 @@ def main() -> None:
     lat = np.asarray(latencies) * 1000
     valid = set(range(1, final["version"] + 1))
     report = {
-        "clients": args.clients, "requests_per_client": args.requests, "docs": args.docs, "model": args.model,
+        "backend": backend, "resolved_backend": resolve_backend(backend, "cpu", bf16_supported("cpu")), "clients": args.clients, "requests_per_client": args.requests, "docs": args.docs, "model": args.model,
         "index_build_seconds": round(build_seconds, 1), "wall_seconds": round(wall, 1),
         "answered": len(latencies), "failed": len(failures), "failures_sample": failures[:3],
         "answered_during_refresh": during_refresh[0], "refresh_seconds": round(refresh_seconds or -1, 1),
@@ -139,11 +159,8 @@ def main() -> None:
         "requests_per_second": round(len(latencies) / wall, 1),
         "load_average": os.getloadavg(),
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    ok = not failures and report["all_versions_valid"] and final["version"] >= 2
-    sys.exit(0 if ok else 1)
+    report["_ok"] = not failures and report["all_versions_valid"] and final["version"] >= 2
+    return report
 
 
 if __name__ == "__main__":

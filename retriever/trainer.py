@@ -13,6 +13,7 @@ Negative strategies receive the :class:`Trainer` in ``prepare``; its public attr
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from pathlib import Path
@@ -27,10 +28,12 @@ from retriever.distributed import average_gradients, barrier, gather_objects, in
 from retriever.data import write_jsonl_atomic
 from retriever.io import write_text_atomic
 from retriever.losses import CONTRASTIVE_LOSSES
-from retriever.modeling import BiEncoder, bf16_supported
+from retriever.modeling import BiEncoder, bf16_supported, set_attention_dropout
 from retriever.negatives import get_strategy
 from retriever.step import grad_cache_step, plain_step
 from retriever.train_data import BatchCollator, epoch_order, load_examples, pair_rows, split_dev, write_examples
+
+logger = logging.getLogger(__name__)
 
 LOG_FILE = "train_log.jsonl"
 HELD_OUT_DEV_DIR = "held_out_dev"
@@ -137,9 +140,15 @@ class Trainer:
     def _load_model(self) -> BiEncoder:
         m = self.config.model
         source = self.resume_from / "model" if self.resume_from else m.name
-        return BiEncoder.from_pretrained(source, pooling=m.pooling, normalize=m.normalize, shared=m.shared,
-                                         query_prefix=m.query_prefix, doc_prefix=m.doc_prefix,
-                                         query_max_length=m.query_max_length, doc_max_length=m.doc_max_length)
+        model = BiEncoder.from_pretrained(source, pooling=m.pooling, normalize=m.normalize, shared=m.shared,
+                                          query_prefix=m.query_prefix, doc_prefix=m.doc_prefix,
+                                          query_max_length=m.query_max_length, doc_max_length=m.doc_max_length)
+        if m.attention_dropout is not None:
+            towers = [model.query_model] + ([] if model.doc_model is None else [model.doc_model])
+            if not sum(set_attention_dropout(tower, m.attention_dropout) for tower in towers):
+                logger.warning("model.attention_dropout=%s: no attention layer of %s found to set; the checkpoint's "
+                               "own rate applies", m.attention_dropout, type(model.query_model).__name__)
+        return model
 
     # ------------------------------------------------------------------------------------ loop
     def _micro_step(self, batch, scale: float) -> float:

@@ -114,3 +114,13 @@ def test_machine_tag_tells_cpus_of_one_model_apart():
     assert rb.machine_tag({**m, "flags": ["avx2"]}) == "amd-epyc-2cpu-avx2"
     assert rb.machine_tag({**m, "flags": ["avx2", "avx512f", "avx512_bf16"]}) == "amd-epyc-2cpu-avx512-bf16"
     assert rb.machine_tag({**m, "flags": [], "gpu": "NVIDIA H100 80GB HBM3"}) == "amd-epyc-2cpu-nvidia-h100-80gb-hbm3"
+
+
+def test_service_table_has_one_row_per_backend(runner):
+    run, docs = runner
+    runs = {"runs": [dict(SERVICE, backend="auto", resolved_backend="openvino"),
+                     dict(SERVICE, backend="torch", resolved_backend="torch", p50_ms=99.1)]}
+    assert run("machine-a", service=runs) == 0
+    table = rb.get_block(rb.get_block(docs.read_text(), "machine-a"), "machine-a:service")
+    assert "| auto (openvino) | 2,000 | 0 | 1,500 | 1, 2 (all valid) | 82.7 ms | 141.0 ms |" in table
+    assert "| torch | 2,000 | 0 | 1,500 | 1, 2 (all valid) | 99.1 ms | 141.0 ms |" in table

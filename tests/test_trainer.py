@@ -173,3 +173,43 @@ def test_bf16_auto_follows_the_hardware_and_bad_values_are_refused(tiny_model_di
     with pytest.raises(ValueError, match="bf16"):
         TrainConfig.model_validate({"model": {"name": str(tiny_model_dir)}, "data": {"triples": str(triples_path)},
                                     "training": {"bf16": "sometimes"}})
+
+
+def _dropouts(model: BiEncoder) -> dict[str, float]:
+    return {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, None])
+def test_attention_dropout_sets_the_attention_layers_only_and_keeps_the_saved_config(
+        tiny_model_dir, triples_path, tmp_path, rate):
+    from retriever.trainer import Trainer
+
+    cfg = tiny_config(tiny_model_dir, triples_path, max_steps=1, save_every=None)
+    cfg.model.attention_dropout = rate
+    trainer = Trainer(cfg, tmp_path / "run")
+    before = _dropouts(BiEncoder.from_pretrained(tiny_model_dir))
+    after = _dropouts(trainer.model)
+    attention = {n for n in after if n.endswith("attention.self.dropout")}
+    assert len(attention) == 2  # one per layer of the tiny BERT
+    assert all(after[n] == (before[n] if rate is None else rate) for n in attention)
+    assert all(after[n] == before[n] for n in after if n not in attention)  # hidden dropout untouched
+    trainer.run()
+    saved = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert saved["attention_probs_dropout_prob"] == json.loads((tiny_model_dir / "config.json").read_text())[
+        "attention_probs_dropout_prob"]
+
+
+def test_attention_dropout_zero_makes_a_training_forward_deterministic(tiny_model_dir):
+    """The rate set on the module is the one the attention kernel applies (no other copy of it is read)."""
+    from retriever.modeling import set_attention_dropout
+
+    model = BiEncoder.from_pretrained(tiny_model_dir)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            m.p = 0.0  # hidden dropout off: only attention dropout can make two forwards differ
+    batch = model.tokenize(["dense retrieval with hard negatives", "a b c"], "document")
+    assert set_attention_dropout(model, 0.5) == 2
+    assert not torch.equal(model.embed(batch, "document"), model.embed(batch, "document"))
+    set_attention_dropout(model, 0.0)
+    assert torch.equal(model.embed(batch, "document"), model.embed(batch, "document"))
