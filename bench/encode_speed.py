@@ -119,7 +119,8 @@ def main() -> None:
     if native and backend == "openvino":
         timed(f"negatron encode, torch backend (`--backend torch`: bf16 autocast), batch {default_batch_size('cpu')}",
               lambda: encode_texts(ours, texts, kind="document", backend="torch"))
-    default = ("bf16 " + ("OpenVINO, model conversion included" if backend == "openvino" else "autocast")) if native \
+    default = ("bf16 " + ("OpenVINO, one stream per core, model conversion included" if backend == "openvino"
+                          else "autocast")) if native \
         else "fp32: no native bf16 on this CPU"
     timed(f"negatron encode (default: {default}, batch {default_batch_size('cpu')})",
           lambda: encode_texts(ours, texts, kind="document"))

@@ -120,8 +120,10 @@ def mine_rows(r: dict) -> list[list[str]]:
 
 
 def train_rows(r: dict) -> list[list[str]]:
+    same = lambda x, key, fmt: format(x[key], fmt) if key in x else "–"  # noqa: E731 - absent before 2026-12-06
     return [[x["precision"], f"{x['sentence_transformers_pairs_per_s']:.2f}", f"{x['negatron_pairs_per_s']:.2f}",
-             f"{x['speedup']:.2f}×"] for x in r["rows"]]
+             f"{x['speedup']:.2f}×", same(x, "negatron_checkpoint_attention_dropout_pairs_per_s", ".2f"),
+             same(x, "checkpoint_attention_dropout_speedup", ".2f") + "×"] for x in r["rows"]]
 
 
 def service_rows(report: dict) -> list[list[str]]:
@@ -157,7 +159,8 @@ BENCHES = [
           ("tool", "wall s", "CPU s", "peak RSS MiB", "queries with negatives", "triplets", "vs ST wall"), mine_rows),
     Bench("train", "Training throughput, batch 32, max length 256", "train_throughput.py",
           lambda t, d: ["--steps", "10", "--warmup", "2", "--threads", str(t)],
-          ("precision", "sentence-transformers pairs/s", "negatron pairs/s", "negatron / ST"), train_rows),
+          ("precision", "sentence-transformers pairs/s", "negatron pairs/s", "negatron / ST",
+           "negatron, checkpoint attention dropout (ST's recipe) pairs/s", "that / ST"), train_rows),
     Bench("service", "Mining service, 4 clients × 500 requests during a refresh", "service_load.py",
           lambda t, d: ["--clients", "4", "--requests", "500", "--backends", "auto", "torch"],
           ("backend", "answered", "failed", "during the refresh", "versions", "p50", "p99", "req/s", "refresh"), service_rows),
