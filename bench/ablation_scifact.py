@@ -61,7 +61,7 @@ def base_config(strategy: str, seed: int, options: dict | None = None, data: dic
     t.update(training)
     model = {"name": MODEL, "query_max_length": 64, "doc_max_length": 256}
     if ATTENTION_DROPOUT is not None:
-        model["attention_dropout"] = None if ATTENTION_DROPOUT == "checkpoint" else float(ATTENTION_DROPOUT)
+        model["attention_dropout"] = None if ATTENTION_DROPOUT == "checkpoint" else ATTENTION_DROPOUT
     return {"model": model,
             "data": data or {"beir": str(SCIFACT), "split": "train", "dev_fraction": DEV_FRACTION, "dev_seed": DEV_SEED},
             "negatives": {"strategy": strategy, "options": options or {}}, "training": t}
@@ -288,6 +288,15 @@ def _overrides(pairs: list[str], flag: str, kind=float) -> dict:
     return out
 
 
+def _attention_dropout(value: str) -> float | str:
+    if value == "checkpoint":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a rate such as 0 or 0.1, or 'checkpoint'") from None
+
+
 def main() -> None:
     global DEV_FRACTION, ATTENTION_DROPOUT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -302,7 +311,7 @@ def main() -> None:
     parser.add_argument("--dev-fraction", type=float, default=DEV_FRACTION,
                         help="share of SciFact train held out as dev, the same for every arm (default %(default)s; "
                              "a --work folder holds runs of one fraction only)")
-    parser.add_argument("--attention-dropout", metavar="RATE|checkpoint",
+    parser.add_argument("--attention-dropout", metavar="RATE|checkpoint", type=_attention_dropout,
                         help="negatron arms' model.attention_dropout (default: the config default, 0); use its own "
                              "--work folder per value")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation")

@@ -55,11 +55,11 @@ def main() -> None:
 
 def load_test(args, backend: str) -> dict:
     from index.encode import encode_corpus
-    from index.openvino_backend import encode_backend, resolve_backend
-    from retriever.modeling import bf16_supported
     from index.faiss_index import DenseIndex
+    from index.openvino_backend import encode_backend, resolve_backend
     from mining.client import MiningClient
     from retriever.data import Corpus, read_queries
+    from retriever.modeling import bf16_supported
 
     tmp = Path(tempfile.mkdtemp(prefix="service-load-"))
     source = Corpus(args.data / "corpus.jsonl")

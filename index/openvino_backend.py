@@ -168,7 +168,7 @@ class OpenVINOTower:
     def map(self, items):
         """For ``(key, batch)`` pairs, yield ``(key, last_hidden_state)`` as each finishes (not in input
         order), with up to ``jobs`` requests running at once; the generator's own thread does the
-        caller's work between them, so tokenising, pooling and writing overlap inference."""
+        caller's work between them, so padding, pooling and writing overlap inference."""
         import queue
 
         import openvino as ov
@@ -182,18 +182,19 @@ class OpenVINOTower:
         # the request is reused as soon as the callback returns: copy its output out first
         pool.set_callback(lambda request, key: finished.put(
             (key, np.array(request.get_output_tensor(0).data, dtype=np.float32))))
+
+        def drain():
+            while not finished.empty():
+                done_key, hidden = finished.get()
+                yield done_key, torch.from_numpy(hidden)
+
         try:
             for key, batch in items:
                 pool.start_async(self._inputs(batch), key)  # blocks while every request is busy
-                while not finished.empty():
-                    done_key, hidden = finished.get()
-                    yield done_key, torch.from_numpy(hidden)
-            pool.wait_all()
+                yield from drain()
         finally:
             pool.wait_all()  # an abandoned generator must not leave requests writing into freed memory
-        while not finished.empty():
-            done_key, hidden = finished.get()
-            yield done_key, torch.from_numpy(hidden)
+        yield from drain()
 
 
 def openvino_tower(tower: torch.nn.Module, example: dict[str, torch.Tensor], bf16: bool = True,
@@ -216,9 +217,7 @@ def openvino_tower(tower: torch.nn.Module, example: dict[str, torch.Tensor], bf1
         lock = _LOCKS.setdefault(tower, threading.Lock())
     with lock:
         hit = _MEMORY.get(tower)
-        if hit is None or hit[0] != weights:  # new or changed weights: drop every compiled mode
-            hit = (weights, {})
-        runners = hit[1]
+        runners = hit[1] if hit is not None and hit[0] == weights else {}  # changed weights: recompile every mode
         if throughput in runners:
             return runners[throughput]
         threads = weights[1]
