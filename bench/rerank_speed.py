@@ -3,7 +3,8 @@ the same (query, document) pairs, in one run.
 
 Pairs: the first ``--pairs`` (query, document) pairs of a first-stage TREC run over a BEIR folder (by
 default bench/ranker_scifact.py's SciFact test top 100). Arms, each after a short warm-up:
-negatron bf16 (autocast where native, token-length-sorted batches), negatron fp32, ST ``predict`` in its
+negatron bf16 (token-length-sorted batches; its default backend, OpenVINO on a CPU where installed), the same
+through torch's bf16 autocast, negatron fp32, ST ``predict`` in its
 default fp32, and ST ``predict`` under ``torch.autocast(bfloat16)``. |Δscore| is measured against ST fp32
 (and negatron bf16 against ST bf16). Batch size 32 for every arm (ST's default).
 
@@ -73,7 +74,8 @@ def main() -> None:
             return st.predict(p, batch_size=bs, show_progress_bar=False)
 
     arms = {
-        "negatron bf16": lambda p: ours.score(p, batch_size=bs, bf16=True),
+        "negatron bf16": lambda p: ours.score(p, batch_size=bs, bf16=True),  # backend auto: OpenVINO on a CPU
+        "negatron bf16, torch backend": lambda p: ours.score(p, batch_size=bs, bf16=True, backend="torch"),
         "negatron fp32": lambda p: ours.score(p, batch_size=bs, bf16=False),
         "sentence-transformers fp32 (default)": lambda p: st.predict(p, batch_size=bs, show_progress_bar=False),
         "sentence-transformers bf16 autocast": st_bf16,

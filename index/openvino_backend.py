@@ -197,6 +197,21 @@ class OpenVINOTower:
         yield from drain()
 
 
+def release_compiled(model: torch.nn.Module) -> int:
+    """Drop the compiled OpenVINO models of ``model`` and its submodules (the disk cache stays); returns
+    how many were dropped. A trainer calls it once its strategy has encoded what it needs up front: the
+    first optimizer step makes them stale, yet they and their request buffers would stay resident
+    through all of training (~100 MiB for a small model, more for a large one)."""
+    dropped = 0
+    for module in model.modules():
+        hit = _MEMORY.pop(module, None)
+        if hit is not None:
+            dropped += len(hit[1])
+    if dropped:
+        release_freed_memory()
+    return dropped
+
+
 def openvino_tower(tower: torch.nn.Module, example: dict[str, torch.Tensor], bf16: bool = True,
                    throughput: bool = False) -> OpenVINOTower | None:
     """The OpenVINO version of ``tower`` for the current weights, or ``None`` (after one warning per

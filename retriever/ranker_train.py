@@ -38,7 +38,7 @@ from retriever.data import TrainingExample, write_jsonl_atomic
 from retriever.distributed import average_gradients, barrier, gather_objects, mean_across
 from retriever.io import write_text_atomic
 from retriever.losses.listwise_ranker import ListwiseRankerLoss
-from retriever.modeling import autocast
+from retriever.modeling import apply_attention_dropout, autocast
 from retriever.ranker import Ranker
 from retriever.train_data import epoch_order, load_examples, split_dev
 
@@ -52,6 +52,10 @@ class RankerModelConfig(_Strict):
     name: str = Field("sentence-transformers/all-MiniLM-L6-v2",
                       description="CrossEncoder / sequence-classification folder, or a plain encoder (fresh head)")
     max_length: int = Field(256, gt=0, description="tokens per (query, document) pair")
+    attention_dropout: float | None = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="dropout on attention probabilities while training; 0 (default) lets PyTorch use its fused "
+                    "attention kernel (as the bi-encoder's model.attention_dropout); null keeps the checkpoint's rate")
 
 
 class RankerNegativesConfig(_Strict):
@@ -88,6 +92,10 @@ class RankerTrainingConfig(TrainingConfig):
     learning_rate: float = Field(2e-5, gt=0)
     batch_size: int = Field(8, gt=0, description="queries (groups) per micro-step on each process")
     temperature: float = Field(1.0, gt=0)
+    head_learning_rate: float | None = Field(
+        None, gt=0, description="learning rate of the classification head (the parameters outside the backbone); "
+                                "null: learning_rate. A fresh head on a bi-encoder checkpoint barely moves at an "
+                                "encoder's 2e-5 in a few hundred steps")
 
     @model_validator(mode="after")
     def _no_biencoder_options(self) -> "RankerTrainingConfig":
@@ -299,13 +307,28 @@ def group_for(example: TrainingExample, per_query: int, rng: np.random.Generator
     return [positive] + [pool[int(i)] for i in picks]
 
 
+def _ranker_param_groups(model: torch.nn.Module, t: RankerTrainingConfig) -> list[dict]:
+    """The bi-encoder's decay / no-decay groups, split again into backbone and head (every parameter outside
+    ``model.base_model``) when the head has its own ``head_learning_rate``."""
+    from retriever.trainer import _param_groups
+
+    if t.head_learning_rate is None:
+        return _param_groups(model, t.weight_decay)
+    backbone = {id(p) for p in model.base_model.parameters()}
+    head = [p for p in model.parameters() if id(p) not in backbone]
+    groups = _param_groups(model.base_model, t.weight_decay)
+    head_module = torch.nn.ParameterList(head)
+    groups += [{**g, "lr": t.head_learning_rate} for g in _param_groups(head_module, t.weight_decay)]
+    return [g for g in groups if g["params"]]
+
+
 class RankerTrainer:
     """Optimizer steps over listwise groups; see the module docstring."""
 
     def __init__(self, config: RankerConfig, output_dir: str | Path, resume: bool = False):
         from transformers import get_linear_schedule_with_warmup
 
-        from retriever.trainer import _param_groups, start_run
+        from retriever.trainer import start_run
 
         self.config, self.output_dir = config, Path(output_dir)
         t = config.training
@@ -329,9 +352,10 @@ class RankerTrainer:
         source = self.resume_from / "model" if self.resume_from else config.model.name
         self.ranker = Ranker.load(source, max_length=config.model.max_length, device=self.device, seed=t.seed)
         self.ranker.activation = "identity"  # listwise logits; see retriever.ranker
+        apply_attention_dropout([self.ranker.model], config.model.attention_dropout)
         self.ranker.train()
         self.loss_fn = ListwiseRankerLoss(t.temperature)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.ranker, t.weight_decay), lr=t.learning_rate)
+        self.optimizer = torch.optim.AdamW(_ranker_param_groups(self.ranker.model, t), lr=t.learning_rate)
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, int(round(t.warmup_ratio * self.total_steps)), self.total_steps)
         self.best_score: float | None = None

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from index.openvino_backend import release_compiled
 from retriever.checkpoint import (Position, list_checkpoints, load_position, load_trainer_state, rng_state,
                                   save_checkpoint)
 from retriever.config import TrainConfig
@@ -28,7 +29,7 @@ from retriever.distributed import average_gradients, barrier, gather_objects, in
 from retriever.data import write_jsonl_atomic
 from retriever.io import write_text_atomic
 from retriever.losses import CONTRASTIVE_LOSSES
-from retriever.modeling import BiEncoder, bf16_supported, set_attention_dropout
+from retriever.modeling import BiEncoder, apply_attention_dropout, bf16_supported
 from retriever.negatives import get_strategy
 from retriever.step import grad_cache_step, plain_step
 from retriever.train_data import BatchCollator, epoch_order, load_examples, pair_rows, split_dev, write_examples
@@ -143,11 +144,8 @@ class Trainer:
         model = BiEncoder.from_pretrained(source, pooling=m.pooling, normalize=m.normalize, shared=m.shared,
                                           query_prefix=m.query_prefix, doc_prefix=m.doc_prefix,
                                           query_max_length=m.query_max_length, doc_max_length=m.doc_max_length)
-        if m.attention_dropout is not None:
-            towers = [model.query_model] + ([] if model.doc_model is None else [model.doc_model])
-            if not sum(set_attention_dropout(tower, m.attention_dropout) for tower in towers):
-                logger.warning("model.attention_dropout=%s: no attention layer of %s found to set; the checkpoint's "
-                               "own rate applies", m.attention_dropout, type(model.query_model).__name__)
+        apply_attention_dropout([model.query_model] + ([] if model.doc_model is None else [model.doc_model]),
+                                m.attention_dropout)
         return model
 
     # ------------------------------------------------------------------------------------ loop
@@ -220,6 +218,7 @@ class Trainer:
             if self.config.evaluation is not None and self.config.evaluation.held_out_dev:
                 self._write_held_out_dev()
         self.strategy.prepare(self)
+        release_compiled(self.model)  # what prepare encoded with is stale after the first step
         self._build_optimizer()  # before any step: prepare may have changed which parameters train
         if self.resume_from is None:
             if self.dist.is_main:

@@ -89,15 +89,19 @@ def test_minilm_round_trip_through_sentence_transformers(minilm_path, tmp_path):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_packed_token_columns_pad_like_the_tokenizer(tiny_model_dir, side):
     """encode packs a call's tokens into flat columns + offsets (no per-text arrays on the heap); a batch
-    padded from them equals the tokenizer's own padded batch, on either padding side."""
+    padded from them equals the tokenizer's own padded batch (to a multiple of PAD_MULTIPLE), on either padding side."""
+    from retriever.modeling import PAD_MULTIPLE
+
     model = BiEncoder.from_pretrained(str(tiny_model_dir))
     model.tokenizer.padding_side = side
     texts = ["a short one", "a much longer text with many more words than the first", "", "mid length text here"]
-    enc = model._tokenize_compact(texts, max_length=8, chunk=3)  # chunks of 3: the packing crosses a chunk edge
-    assert enc.lengths.tolist() == [len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=8)["input_ids"]]
-    rows = [1, 3, 0]
+    enc = model._tokenize_compact(texts, max_length=32, chunk=3)  # chunks of 3: the packing crosses a chunk edge
+    assert enc.lengths.tolist() == [len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=32)["input_ids"]]
+    rows = [3, 0, 2]  # longest 15 tokens: padded to 16
     ours = model._pad(enc, rows)
-    ref = model.tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=8, return_tensors="pt")
+    ref = model.tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=32,
+                          pad_to_multiple_of=PAD_MULTIPLE, return_tensors="pt")
+    assert enc.lengths[rows].max() < ref["input_ids"].shape[1]  # rounded up from the longest row
     assert set(ours) == set(ref.keys())
     for name in ours:
         assert torch.equal(ours[name], ref[name].long()), name

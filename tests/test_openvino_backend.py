@@ -180,3 +180,16 @@ def test_map_yields_every_key_with_its_own_output(model, tmp_path, monkeypatch):
     assert sorted(got) == list(range(len(TEXTS)))
     for key, batch in enumerate(batches):
         np.testing.assert_allclose(got[key].numpy(), runner(**batch)[0].numpy(), atol=1e-6)
+
+
+def test_release_compiled_drops_every_tower_of_a_model(model, tmp_path, monkeypatch, conversions):
+    """What a trainer calls after its strategy's up-front encoding: the compiled models go (the disk cache
+    stays, so encoding again reads it instead of converting)."""
+    monkeypatch.setenv("NEGATRON_CACHE_DIR", str(tmp_path))
+    model.encode(TEXTS, bf16=False, backend="openvino", batch_size=1)  # bulk: the throughput runner
+    model.encode(TEXTS[:1], bf16=False, backend="openvino")  # one batch: the latency runner
+    assert len(ovb._MEMORY[model.tower("document")][1]) == 2
+    assert ovb.release_compiled(model) == 2 and model.tower("document") not in ovb._MEMORY
+    assert ovb.release_compiled(model) == 0
+    model.encode(TEXTS, bf16=False, backend="openvino")
+    assert len(conversions) == 1

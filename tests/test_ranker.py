@@ -126,6 +126,18 @@ def test_bf16_scores_close_to_fp32(tiny_model_dir, one_thread):
     assert np.abs(ranker.score(pairs, bf16=True) - ranker.score(pairs, bf16=False)).max() <= 1e-2
 
 
+@pytest.mark.parametrize("batch_size", [3, 64])  # several batches (throughput-compiled, out of order) and one
+def test_openvino_scores_equal_torch_and_keep_input_order(tiny_model_dir, tmp_path, monkeypatch, one_thread,
+                                                         batch_size):
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("NEGATRON_CACHE_DIR", str(tmp_path))
+    ranker = Ranker.load(tiny_model_dir, max_length=64)
+    pairs = _pairs()
+    reference = ranker.score(pairs, bf16=False, backend="torch", batch_size=batch_size)
+    got = ranker.score(pairs, bf16=False, backend="openvino", batch_size=batch_size)
+    assert np.abs(got - reference).max() <= 1e-4
+
+
 def test_listwise_loss_is_uniform_at_equal_logits_and_pushes_the_positive_up():
     loss_fn = ListwiseRankerLoss()
     logits = torch.zeros(2, 4, requires_grad=True)
@@ -163,6 +175,40 @@ def test_training_learns_and_logs(tiny_model_dir, tmp_path, one_thread):
     ranker = Ranker.load(final)
     good, bad = ranker.score([("faiss", "faiss the quick brown fox loss"), ("faiss", "token bm25 index loss")], bf16=False)
     assert good > bad
+
+
+@pytest.mark.parametrize("rate", [0.0, None])
+def test_attention_dropout_applies_to_the_ranker_modules_only(tiny_model_dir, tmp_path, one_thread, rate):
+    """model.attention_dropout (default 0, the fused attention kernel) sets the ranker's attention layers;
+    null keeps the checkpoint's rate; the saved config.json keeps the checkpoint's rate either way."""
+    from retriever.ranker_train import RankerTrainer
+
+    checkpoint_rate = json.loads((tiny_model_dir / "config.json").read_text())["attention_probs_dropout_prob"]
+    assert checkpoint_rate > 0
+    raw = _config(tiny_model_dir, _synthetic_jsonl(tmp_path / "train.jsonl"), max_steps=2, save_every=None)
+    cfg = RankerConfig.model_validate({**raw, "model": {**raw["model"], "attention_dropout": rate}})
+    trainer = RankerTrainer(cfg, tmp_path / "run")
+    rates = {m.dropout.p for m in trainer.ranker.modules() if type(m).__name__.endswith("SelfAttention")}
+    assert rates == {checkpoint_rate if rate is None else rate}
+    trainer.run()
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["attention_probs_dropout_prob"] \
+        == checkpoint_rate
+
+
+def test_head_learning_rate_covers_exactly_the_parameters_outside_the_backbone(tiny_model_dir, tmp_path, one_thread):
+    from retriever.ranker_train import RankerTrainer
+
+    raw = _config(tiny_model_dir, _synthetic_jsonl(tmp_path / "train.jsonl"), max_steps=2, save_every=None,
+                  learning_rate=1e-4, head_learning_rate=1e-2, warmup_ratio=0.0)
+    trainer = RankerTrainer(RankerConfig.model_validate(raw), tmp_path / "run")
+    model = trainer.ranker.model
+    by_lr = {}
+    for group in trainer.optimizer.param_groups:
+        by_lr.setdefault(group["initial_lr"], set()).update(id(p) for p in group["params"])
+    backbone = {id(p) for p in model.base_model.parameters()}
+    assert by_lr[1e-4] == backbone
+    assert by_lr[1e-2] == {id(p) for p in model.parameters()} - backbone
+    assert by_lr[1e-2] == {id(p) for p in model.classifier.parameters()}  # BERT's head: the classifier
 
 
 def _cli(config, output, *extra):

@@ -219,9 +219,10 @@ def test_attention_dropout_warns_when_the_model_has_no_attention_layer_it_knows(
         tiny_model_dir, triples_path, tmp_path, monkeypatch, caplog):
     import logging
 
+    import retriever.modeling as modeling
     import retriever.trainer as trainer_module
 
-    monkeypatch.setattr(trainer_module, "set_attention_dropout", lambda module, p: 0)  # an unknown architecture
-    with caplog.at_level(logging.WARNING, logger="retriever.trainer"):
+    monkeypatch.setattr(modeling, "set_attention_dropout", lambda module, p: 0)  # an unknown architecture
+    with caplog.at_level(logging.WARNING, logger="retriever.modeling"):
         trainer_module.Trainer(tiny_config(tiny_model_dir, triples_path, max_steps=1, save_every=None), tmp_path / "run")
     assert any("no attention layer" in r.message and "checkpoint's own rate" in r.message for r in caplog.records)

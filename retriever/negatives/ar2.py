@@ -36,7 +36,7 @@ from pydantic import Field
 
 from retriever.distributed import average_gradients
 from retriever.losses.ar2 import AR2RankerLoss, AR2RetrieverLoss
-from retriever.modeling import autocast
+from retriever.modeling import apply_attention_dropout, autocast
 from retriever.negatives.ance import ANCENegatives, ANCEOptions
 from retriever.negatives.base import register_strategy
 
@@ -122,6 +122,8 @@ class AR2Strategy(ANCENegatives):
         super().prepare(trainer)
         self.ranker = Ranker.load(self.options.ranker or trainer.config.model.name,
                                   max_length=self.options.ranker_max_length, device=trainer.device, seed=t.seed)
+        # the retriever's setting covers the ranker it trains against: the same fused-attention speed-up
+        apply_attention_dropout([self.ranker.model], trainer.config.model.attention_dropout)
         self.ranker_optimizer = torch.optim.AdamW(self.ranker.parameters(), lr=self.options.ranker_lr,
                                                   weight_decay=t.weight_decay)
         ranker_steps = self.ranker_step_count(trainer.total_steps)
