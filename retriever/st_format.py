@@ -2,7 +2,7 @@
 without importing ``sentence_transformers``.
 
 Importing that package pulls in scikit-learn, SciPy and its whole training stack: 260 MiB of resident
-memory and ~6 s per process (measured on the 2-vCPU Xeon, docs/benchmarks.md), paid by every ``negatron``
+memory and 3.5-5 s per process on top of torch and transformers (measured on the 2-vCPU AMX Xeon, docs/scaling.md), paid by every ``negatron``
 command that loads or saves a model, by every torchrun rank, and at every checkpoint. The folder itself is
 a few JSON files. Written here in the classic layout (``sentence_transformers.models.*``, the layout of
 all-MiniLM-L6-v2 and all-mpnet-base-v2), which every sentence-transformers release from 2.x to 6.x loads;
