@@ -145,7 +145,8 @@ def write_markdown(r: dict) -> None:
             f"Machine: {r['machine']}.\n\n"
             f"Ranker: all-MiniLM-L6-v2 weights + fresh head, listwise over 1 positive + "
             f"{r['config']['negatives']['per_query']} negatives from zero-shot MiniLM's top 100, "
-            f"{r['train_steps']} steps x {t['batch_size']} queries, lr {t['learning_rate']}, max_length "
+            f"{r['train_steps']} steps x {t['batch_size']} queries, lr {t['learning_rate']}"
+            f"{'' if t.get('head_learning_rate') is None else ' (head ' + str(t['head_learning_rate']) + ')'}, max_length "
             f"{r['config']['model']['max_length']}, bf16 {t['bf16']}; training time {r['train_seconds']:.0f} s "
             f"(loss {r['train_loss_first_last'][0]:.3f} -> {r['train_loss_first_last'][1]:.3f}).\n\n"
             f"| split | system | nDCG@10 | MRR@10 | Recall of the top {r['depth']} |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
