@@ -52,14 +52,18 @@ def _bf16() -> bool:
 BF16 = _bf16()
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 ATTENTION_DROPOUT: float | str | None = None  # --attention-dropout: None leaves the config default
+QUERY_MAX_LENGTH = 64  # --query-max-length (the peer truncates queries at the model's 256)
+WEIGHT_DECAY: float | None = None  # --weight-decay: None leaves the config default (0.01; the peer's is 0)
 ARMS = ["zero-shot", "inbatch", "bm25", "star", "star-adore", "gist", "ar2", "ance", "tasb", "st-mnrl"]
 
 
 def base_config(strategy: str, seed: int, options: dict | None = None, data: dict | None = None, **training) -> dict:
     t = {"learning_rate": LR, "batch_size": BATCH, "epochs": 1, "warmup_ratio": 0.1, "temperature": 0.05,
          "bf16": BF16, "seed": seed, "log_every": 5}
+    if WEIGHT_DECAY is not None:
+        t["weight_decay"] = WEIGHT_DECAY
     t.update(training)
-    model = {"name": MODEL, "query_max_length": 64, "doc_max_length": 256}
+    model = {"name": MODEL, "query_max_length": QUERY_MAX_LENGTH, "doc_max_length": 256}
     if ATTENTION_DROPOUT is not None:
         model["attention_dropout"] = None if ATTENTION_DROPOUT == "checkpoint" else ATTENTION_DROPOUT
     return {"model": model,
@@ -298,7 +302,7 @@ def _attention_dropout(value: str) -> float | str:
 
 
 def main() -> None:
-    global DEV_FRACTION, ATTENTION_DROPOUT
+    global DEV_FRACTION, ATTENTION_DROPOUT, QUERY_MAX_LENGTH, WEIGHT_DECAY
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
@@ -314,11 +318,15 @@ def main() -> None:
     parser.add_argument("--attention-dropout", metavar="RATE|checkpoint", type=_attention_dropout,
                         help="negatron arms' model.attention_dropout (default: the config default, 0); use its own "
                              "--work folder per value")
+    parser.add_argument("--query-max-length", type=int, default=QUERY_MAX_LENGTH,
+                        help="negatron arms' model.query_max_length (the peer's queries: 256; use its own --work)")
+    parser.add_argument("--weight-decay", type=float, help="negatron arms' training.weight_decay (the peer's: 0)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "ablation.md")
     args = parser.parse_args()
     DEV_FRACTION = args.dev_fraction
     ATTENTION_DROPOUT = args.attention_dropout
+    QUERY_MAX_LENGTH, WEIGHT_DECAY = args.query_max_length, args.weight_decay
     lrs, epochs = _overrides(args.lr, "--lr"), _overrides(args.epochs, "--epochs", int)
     args.work.mkdir(parents=True, exist_ok=True)
     results_path = args.work / "results.json"
@@ -341,7 +349,8 @@ def main() -> None:
                 seconds = results[key]["train_s"]
             scores = evaluate(model_dir, dev, with_test=not args.dev_only)
             results[key] = {**scores, "seed": seed, "train_s": seconds, "model": model_dir,
-                            "dev_fraction": DEV_FRACTION, "attention_dropout": ATTENTION_DROPOUT}
+                            "dev_fraction": DEV_FRACTION, "attention_dropout": ATTENTION_DROPOUT,
+                            "query_max_length": QUERY_MAX_LENGTH, "weight_decay": WEIGHT_DECAY}
             write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
             write_report(results, args.output)
             print(key, json.dumps({s: results[key][s] for s in ("dev", "test") if s in results[key]}), flush=True)
