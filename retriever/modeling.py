@@ -111,14 +111,14 @@ def set_attention_dropout(module: nn.Module, p: float) -> int:
     return changed
 
 
-def apply_attention_dropout(modules: Sequence[nn.Module], p: float | None, setting: str = "model.attention_dropout") -> None:
+def apply_attention_dropout(modules: Sequence[nn.Module], p: float | None) -> None:
     """:func:`set_attention_dropout` on each of ``modules`` unless ``p`` is None (keep the checkpoint's
-    rate); warns, naming ``setting``, when none of them has an attention layer it recognises."""
+    rate); warns when none of them has an attention layer it recognises."""
     if p is None:
         return
     if not sum(set_attention_dropout(module, p) for module in modules):
-        logger.warning("%s=%s: no attention layer of %s found to set; the checkpoint's own rate applies",
-                       setting, p, type(modules[0]).__name__)
+        logger.warning("model.attention_dropout=%s: no attention layer of %s found to set; the checkpoint's own "
+                       "rate applies", p, type(modules[0]).__name__)
 
 
 def autocast(device: torch.device | str, bf16: bool):
