@@ -313,12 +313,11 @@ def _ranker_param_groups(model: torch.nn.Module, t: RankerTrainingConfig) -> lis
     from retriever.trainer import _param_groups
 
     if t.head_learning_rate is None:
-        return _param_groups(model, t.weight_decay)
+        return _param_groups(model.parameters(), t.weight_decay)
     backbone = {id(p) for p in model.base_model.parameters()}
     head = [p for p in model.parameters() if id(p) not in backbone]
-    groups = _param_groups(model.base_model, t.weight_decay)
-    head_module = torch.nn.ParameterList(head)
-    groups += [{**g, "lr": t.head_learning_rate} for g in _param_groups(head_module, t.weight_decay)]
+    groups = _param_groups(model.base_model.parameters(), t.weight_decay)
+    groups += [{**g, "lr": t.head_learning_rate} for g in _param_groups(head, t.weight_decay)]
     return [g for g in groups if g["params"]]
 
 

@@ -17,6 +17,7 @@ import logging
 import random
 import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -46,10 +47,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def _param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict]:
     """No weight decay on biases and normalisation weights (the BERT/AdamW convention)."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in params:
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -104,7 +105,7 @@ class Trainer:
         from transformers import get_linear_schedule_with_warmup
 
         t = self.config.training
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, t.weight_decay), lr=t.learning_rate)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model.parameters(), t.weight_decay), lr=t.learning_rate)
         schedule_steps = self.strategy.model_update_steps(self.total_steps)  # AR2: its retriever steps only
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, int(round(t.warmup_ratio * schedule_steps)), schedule_steps)
