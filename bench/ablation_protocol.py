@@ -1,0 +1,182 @@
+"""The negative-strategy ablation under the clean protocol of issue #12, as one resumable command.
+
+The protocol (docs/benchmarks.md, "The ablation under the clean protocol", written before any run) is data
+here, in ``PROTOCOL``; this driver only carries it out, in two phases that cannot overlap:
+
+1. **Choose on dev.** Every trained arm at every grid point of its learning rate, seed 42, dev only (the
+   20 % carve-out of SciFact train). The test split is neither encoded nor scored in this phase.
+2. **Score test once.** Only when phase 1 is complete for every arm: each arm at its dev-chosen rate, seeds
+   42, 43 and 44, dev and test scored from one encoding; per-query test nDCG@10 kept for the paired tests.
+
+Then the report: mean ± sd per arm, and paired tests on test nDCG@10 (per query, averaged over the seeds;
+``eval/significance.py``) of the best arm on dev against the sentence-transformers peer, and of in-batch
+against the peer. Every (arm, setting, seed) result is saved as it finishes (``<work>/results.json``), so an
+interrupted run continues where it stopped, also in a later session, but only under the precision it began
+with (bf16 or fp32 training differ in their numbers).
+
+    .venv/bin/python bench/ablation_protocol.py [--work runs/ablation-protocol] [--phase dev|test|report]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ablation_scifact as ab  # noqa: E402
+
+from retriever.io import write_text_atomic  # noqa: E402
+
+PROTOCOL = {
+    "dev_fraction": 0.2,
+    "dev_seed": 0,
+    "grid": [3e-5, 1e-4, 3e-4],  # every trained arm's learning rate; for star-adore the ADORE stage's
+    "tuning_seed": 42,
+    "seeds": [42, 43, 44],
+    # Equal budget: two epochs of the train split. star-adore spends it as 1 STAR + 1 ADORE epoch (its STAR
+    # stage at the star arm's dev-chosen rate); ar2's own schedule is 2 epochs (1 ranker warm-up epoch).
+    "epochs": {"inbatch": 2, "bm25": 2, "star": 2, "star-adore": 1, "gist": 2, "ar2": None, "ance": 2,
+               "tasb": 2, "st-mnrl": 2},
+    "peer": "st-mnrl",
+}
+ORDER = ["inbatch", "st-mnrl", "tasb", "bm25", "star", "star-adore", "gist", "ance", "ar2"]  # star before star-adore
+
+
+def key(arm: str, lr: float | None, seed: int) -> str:
+    return f"{arm}@lr={lr:g}/{seed}" if lr is not None else f"{arm}/{seed}"
+
+
+class Runner:
+    def __init__(self, work: Path):
+        self.work = work
+        self.path = work / "results.json"
+        self.results = json.loads(self.path.read_text()) if self.path.exists() else {}
+        here = {"bf16": ab.BF16, "dev_fraction": PROTOCOL["dev_fraction"]}
+        begun = self.results.get("_setup")
+        if begun and any(begun[k] != v for k, v in here.items()):
+            raise SystemExit(f"{work} was begun with {begun}, this machine runs {here}: continue it on a machine "
+                             "of the same precision, or start another --work folder")
+        self.results.setdefault("_setup", {**here, "machine": platform.processor() or platform.machine(),
+                                           "cpus": os.cpu_count(), "begun": time.strftime("%Y-%m-%d %H:%M")})
+        ab.DEV_FRACTION = PROTOCOL["dev_fraction"]
+        from retriever.resolve import resolve_model
+        for model in (ab.MODEL, ab.GIST_GUIDE):  # fail now, not hours later at the gist arm
+            resolve_model(model, require=True)
+        self.train_examples, self.dev = ab.split()
+
+    def save(self) -> None:
+        write_text_atomic(self.path, json.dumps(self.results, indent=2) + "\n")
+
+    def chosen(self, arm: str) -> float:
+        """The grid point with the best dev nDCG@10 at the tuning seed (ties: the lower rate)."""
+        scores = {lr: self.results[key(arm, lr, PROTOCOL["tuning_seed"])]["dev"]["ndcg@10"] for lr in PROTOCOL["grid"]}
+        return max(sorted(scores), key=lambda lr: scores[lr])
+
+    def run(self, arm: str, lr: float | None, seed: int, with_test: bool) -> dict:
+        k = key(arm, lr, seed)
+        done = self.results.get(k)
+        if done is not None and ("test" in done or not with_test):
+            return done
+        star_lr = self.chosen("star") if arm == "star-adore" else None
+        t0 = time.perf_counter()
+        model_dir, seconds = ab.run_arm(arm, self.work / f"seed-{seed}", self.train_examples, seed, lr,
+                                        PROTOCOL["epochs"].get(arm), star_lr)
+        if done is not None:  # trained in phase 1: keep that training time
+            seconds = done["train_s"]
+        scores = ab.evaluate(model_dir, self.dev, with_test=with_test, per_query=with_test)
+        self.results[k] = {**scores, "arm": arm, "lr": lr, "star_lr": star_lr, "seed": seed, "train_s": seconds,
+                           "wall_s": time.perf_counter() - t0, "model": model_dir,
+                           "finished": time.strftime("%Y-%m-%d %H:%M")}
+        self.save()
+        print(k, json.dumps({s: self.results[k][s] for s in ("dev", "test") if s in self.results[k]}), flush=True)
+        return self.results[k]
+
+    def phase_dev(self) -> None:
+        for arm in ORDER:
+            for lr in PROTOCOL["grid"]:
+                self.run(arm, lr, PROTOCOL["tuning_seed"], with_test=False)
+
+    def phase_test(self) -> None:
+        missing = [key(a, lr, PROTOCOL["tuning_seed"]) for a in ORDER for lr in PROTOCOL["grid"]
+                   if key(a, lr, PROTOCOL["tuning_seed"]) not in self.results]
+        if missing:
+            raise SystemExit(f"phase 1 (dev) is not complete, {len(missing)} runs missing (first: {missing[0]}): "
+                             "no test score before every choice is made")
+        self.run("zero-shot", None, 0, with_test=True)
+        for arm in ORDER:
+            for seed in PROTOCOL["seeds"]:
+                self.run(arm, self.chosen(arm), seed, with_test=True)
+
+
+def report(results: dict) -> str:
+    from eval.significance import compare_per_query
+
+    def finals(arm):
+        if arm == "zero-shot":
+            return [results[key("zero-shot", None, 0)]]
+        lr = max(sorted(PROTOCOL["grid"]), key=lambda x: results[key(arm, x, PROTOCOL["tuning_seed"])]["dev"]["ndcg@10"])
+        return [results[key(arm, lr, s)] for s in PROTOCOL["seeds"]]
+
+    def cell(runs, split, metric):
+        values = [r[split][metric] for r in runs]
+        return f"{values[0]:.4f}" if len(values) == 1 else f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+    setup = results["_setup"]
+    lines = [f"Machine: {setup['machine']}, {setup['cpus']} cores, bf16 training {'on' if setup['bf16'] else 'off'}; "
+             f"begun {setup['begun']}.", "",
+             "| arm | dev-chosen lr (dev nDCG@10 at " + ", ".join(f"{g:g}" for g in PROTOCOL["grid"]) + ") | dev nDCG@10 | "
+             "test nDCG@10 | test MRR@10 | test Recall@100 | train s (mean) |", "|---|---|---|---|---|---|---|"]
+    per_query = {}
+    for arm in ["zero-shot"] + ORDER:
+        runs = finals(arm)
+        if arm == "zero-shot":
+            sweep = "—"
+        else:
+            sweep_scores = [results[key(arm, g, PROTOCOL["tuning_seed"])]["dev"]["ndcg@10"] for g in PROTOCOL["grid"]]
+            sweep = f"{runs[0]['lr']:g} ({', '.join(f'{v:.4f}' for v in sweep_scores)})"
+        lines.append(f"| {arm} | {sweep} | {cell(runs, 'dev', 'ndcg@10')} | {cell(runs, 'test', 'ndcg@10')} | "
+                     f"{cell(runs, 'test', 'mrr@10')} | {cell(runs, 'test', 'recall@100')} | "
+                     f"{np.mean([r['train_s'] for r in runs]):.0f} |")
+        queries = runs[0]["test_per_query"].keys()
+        per_query[arm] = {q: {"ndcg@10": float(np.mean([r["test_per_query"][q] for r in runs]))} for q in queries}
+    best = max(ORDER, key=lambda a: np.mean([r["dev"]["ndcg@10"] for r in finals(a)]))
+    lines += ["", "Paired tests on test nDCG@10, per query (averaged over the seeds), against the peer:", "",
+              "| system | peer | system | delta | p (randomization) | p (t-test) | queries |", "|---|---|---|---|---|---|---|"]
+    for arm, why in ((best, "best on dev"), ("inbatch", "negatron in-batch")):
+        if arm == PROTOCOL["peer"]:
+            continue
+        c = compare_per_query(per_query[PROTOCOL["peer"]], per_query[arm])
+        lines.append(f"| {arm} ({why}) | {c['baseline']:.4f} | {c['system']:.4f} | {c['delta']:+.4f} | "
+                     f"{c['p_randomization']:.4f} | {c['p_ttest']:.4f} | {c['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=ab.ROOT / "runs" / "ablation-protocol")
+    parser.add_argument("--phase", choices=["dev", "test", "report", "all"], default="all")
+    parser.add_argument("--output", type=Path, default=ab.ROOT / "bench" / "results" / "ablation_protocol.md")
+    args = parser.parse_args()
+    os.environ.setdefault("NEGATRON_ENCODE_BACKEND", "torch")  # every arm's evaluation through the same encoder
+    args.work.mkdir(parents=True, exist_ok=True)
+    runner = Runner(args.work)
+    if args.phase in ("dev", "all"):
+        runner.phase_dev()
+    if args.phase in ("test", "all"):
+        runner.phase_test()
+    if args.phase in ("report", "all"):
+        text = report(runner.results)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(args.output, text)
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""bench/ablation_protocol.py carries out issue #12's clean protocol: choices on dev only, test scored only
+after every choice is made, the report's picks and paired tests computed from the recorded results."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import ablation_protocol as ap  # noqa: E402
+
+QUERIES = [f"q{i}" for i in range(30)]
+
+
+def _results(best_lr: dict[str, float], test_boost: dict[str, float]) -> dict:
+    """Phase-1 and phase-2 results in the driver's layout: each arm's dev score peaks at ``best_lr``;
+    its per-query test scores are a shared base plus ``test_boost`` plus a little per-seed noise."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.3, 0.9, len(QUERIES))
+    results = {"_setup": {"bf16": False, "dev_fraction": 0.2, "machine": "x", "cpus": 2, "begun": "then"}}
+
+    def entry(arm, lr, seed, dev, with_test):
+        row = {"dev": {"ndcg@10": dev}, "arm": arm, "lr": lr, "seed": seed, "train_s": 10.0}
+        if with_test:
+            values = np.clip(base + test_boost.get(arm, 0.0) + rng.normal(0, 0.01, len(QUERIES)), 0, 1)
+            row["test_per_query"] = dict(zip(QUERIES, values.tolist()))
+            row["test"] = {"ndcg@10": float(values.mean()), "mrr@10": 0.5, "recall@100": 0.9}
+        return row
+
+    results[ap.key("zero-shot", None, 0)] = entry("zero-shot", None, 0, 0.60, True)
+    for arm in ap.ORDER:
+        for lr in ap.PROTOCOL["grid"]:
+            dev = 0.70 - (0.0 if lr == best_lr[arm] else 0.02) + (0.01 if arm == "star-adore" else 0.0)
+            results[ap.key(arm, lr, 42)] = entry(arm, lr, 42, dev, True)
+        for seed in ap.PROTOCOL["seeds"][1:]:
+            dev = 0.70 + (0.01 if arm == "star-adore" else 0.0)
+            results[ap.key(arm, best_lr[arm], seed)] = entry(arm, best_lr[arm], seed, dev, True)
+    return results
+
+
+def test_the_report_uses_each_arms_dev_choice_and_tests_the_best_arm_against_the_peer():
+    grid = ap.PROTOCOL["grid"]
+    best_lr = {arm: grid[i % len(grid)] for i, arm in enumerate(ap.ORDER)}
+    text = ap.report(_results(best_lr, {"star-adore": 0.05}))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    for arm in ap.ORDER:
+        assert rows[arm].split(" | ")[1].startswith(f"{best_lr[arm]:g} ("), rows[arm]
+    best = rows["star-adore (best on dev)"].split(" | ")
+    peer, system, delta, p_randomization = (float(x) for x in best[1:5])
+    assert system == pytest.approx(peer + 0.05, abs=0.01) and delta == pytest.approx(system - peer, abs=1e-4)
+    assert p_randomization < 0.01  # a 0.05 gain on every query is significant
+    assert "inbatch (negatron in-batch)" in rows
+
+
+def test_ties_on_dev_choose_the_lower_rate():
+    runner = ap.Runner.__new__(ap.Runner)
+    runner.results = {ap.key("inbatch", lr, 42): {"dev": {"ndcg@10": 0.7}} for lr in ap.PROTOCOL["grid"]}
+    assert runner.chosen("inbatch") == min(ap.PROTOCOL["grid"])
+
+
+def test_test_is_not_scored_before_every_dev_choice_is_made():
+    runner = ap.Runner.__new__(ap.Runner)
+    grid = ap.PROTOCOL["grid"]
+    runner.results = {ap.key(arm, lr, 42): {"dev": {"ndcg@10": 0.7}} for arm in ap.ORDER for lr in grid}
+    del runner.results[ap.key("ar2", grid[-1], 42)]
+    runner.run = lambda *a, **k: pytest.fail("a run started before phase 1 was complete")
+    with pytest.raises(SystemExit, match="phase 1 .* not complete, 1 runs missing"):
+        runner.phase_test()
