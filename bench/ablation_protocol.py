@@ -53,6 +53,12 @@ def key(arm: str, lr: float | None, seed: int) -> str:
     return f"{arm}@lr={lr:g}/{seed}" if lr is not None else f"{arm}/{seed}"
 
 
+def chosen_lr(results: dict, arm: str) -> float:
+    """The grid point with the best dev nDCG@10 at the tuning seed (ties: the lower rate)."""
+    scores = {lr: results[key(arm, lr, PROTOCOL["tuning_seed"])]["dev"]["ndcg@10"] for lr in PROTOCOL["grid"]}
+    return max(sorted(scores), key=lambda lr: scores[lr])
+
+
 class Runner:
     def __init__(self, work: Path):
         self.work = work
@@ -75,9 +81,7 @@ class Runner:
         write_text_atomic(self.path, json.dumps(self.results, indent=2) + "\n")
 
     def chosen(self, arm: str) -> float:
-        """The grid point with the best dev nDCG@10 at the tuning seed (ties: the lower rate)."""
-        scores = {lr: self.results[key(arm, lr, PROTOCOL["tuning_seed"])]["dev"]["ndcg@10"] for lr in PROTOCOL["grid"]}
-        return max(sorted(scores), key=lambda lr: scores[lr])
+        return chosen_lr(self.results, arm)
 
     def run(self, arm: str, lr: float | None, seed: int, with_test: bool) -> dict:
         k = key(arm, lr, seed)
@@ -121,8 +125,7 @@ def report(results: dict) -> str:
     def finals(arm):
         if arm == "zero-shot":
             return [results[key("zero-shot", None, 0)]]
-        lr = max(sorted(PROTOCOL["grid"]), key=lambda x: results[key(arm, x, PROTOCOL["tuning_seed"])]["dev"]["ndcg@10"])
-        return [results[key(arm, lr, s)] for s in PROTOCOL["seeds"]]
+        return [results[key(arm, chosen_lr(results, arm), s)] for s in PROTOCOL["seeds"]]
 
     def cell(runs, split, metric):
         values = [r[split][metric] for r in runs]

@@ -328,8 +328,13 @@ def main() -> None:
                         help="negatron arms' model.query_max_length (the peer's queries: 256; use its own --work)")
     parser.add_argument("--weight-decay", type=float, help="negatron arms' training.weight_decay (the peer's: 0)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "ablation.md")
+    parser.add_argument("--output", type=Path, help="the Markdown table (default: bench/results/ablation.md for the "
+                                                    "default --work, else ablation.md inside --work)")
     args = parser.parse_args()
+    if args.output is None:  # a side study in its own --work must not overwrite the main ablation's table
+        default_work = ROOT / "runs" / "ablation"
+        args.output = (ROOT / "bench" / "results" / "ablation.md" if args.work.resolve() == default_work.resolve()
+                       else args.work / "ablation.md")
     DEV_FRACTION = args.dev_fraction
     ATTENTION_DROPOUT = args.attention_dropout
     QUERY_MAX_LENGTH, WEIGHT_DECAY = args.query_max_length, args.weight_decay
