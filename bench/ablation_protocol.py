@@ -10,9 +10,11 @@ here, in ``PROTOCOL``; this driver only carries it out, in two phases that canno
 
 Then the report: mean ± sd per arm, and paired tests on test nDCG@10 (per query, averaged over the seeds;
 ``eval/significance.py``) of the best arm on dev against the sentence-transformers peer, and of in-batch
-against the peer. Every (arm, setting, seed) result is saved as it finishes (``<work>/results.json``), so an
-interrupted run continues where it stopped, also in a later session, but only under the precision it began
-with (bf16 or fp32 training differ in their numbers).
+against the peer. Every (arm, setting, seed) result is saved as it finishes, in a file kept under version
+control (``bench/results/ablation-protocol/results.json``, not the ``--work`` folder of models), so the
+protocol continues where it stopped in a later session on another machine. Every run trains and encodes in
+fp32, the one precision every CPU computes natively (bf16 runs would not be comparable with fp32 ones, and
+the machine changes between sessions); each result records the machine it ran on.
 
     .venv/bin/python bench/ablation_protocol.py [--work runs/ablation-protocol] [--phase dev|test|report]
 """
@@ -45,6 +47,7 @@ PROTOCOL = {
     "epochs": {"inbatch": 2, "bm25": 2, "star": 2, "star-adore": 1, "gist": 2, "ar2": None, "ance": 2,
                "tasb": 2, "st-mnrl": 2},
     "peer": "st-mnrl",
+    "precision": "fp32",  # amended 2026-12-07 before the fp32 series' first run (docs/benchmarks.md)
 }
 ORDER = ["inbatch", "st-mnrl", "tasb", "bm25", "star", "star-adore", "gist", "ance", "ar2"]  # star before star-adore
 
@@ -59,25 +62,39 @@ def chosen_lr(results: dict, arm: str) -> float:
     return max(sorted(scores), key=lambda lr: scores[lr])
 
 
+def machine() -> str:
+    """The CPU model name (``lscpu``'s), the core count and whether it computes bf16 natively."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cpus{', native bf16' if ab._bf16() else ''}"
+
+
 class Runner:
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, results_path: Path):
         self.work = work
-        self.path = work / "results.json"
+        self.path = results_path
         self.results = json.loads(self.path.read_text()) if self.path.exists() else {}
-        here = {"bf16": ab.BF16, "dev_fraction": PROTOCOL["dev_fraction"]}
+        here = {"precision": PROTOCOL["precision"], "dev_fraction": PROTOCOL["dev_fraction"]}
         begun = self.results.get("_setup")
-        if begun and any(begun[k] != v for k, v in here.items()):
-            raise SystemExit(f"{work} was begun with {begun}, this machine runs {here}: continue it on a machine "
-                             "of the same precision, or start another --work folder")
-        self.results.setdefault("_setup", {**here, "machine": platform.processor() or platform.machine(),
-                                           "cpus": os.cpu_count(), "begun": time.strftime("%Y-%m-%d %H:%M")})
+        if begun and any(begun.get(k) != v for k, v in here.items()):
+            raise SystemExit(f"{results_path} was begun with {begun}, the protocol now says {here}: results of "
+                             "another protocol cannot be continued; pass another --results file")
+        self.results.setdefault("_setup", {**here, "begun": time.strftime("%Y-%m-%d %H:%M")})
         ab.DEV_FRACTION = PROTOCOL["dev_fraction"]
+        ab.BF16 = PROTOCOL["precision"] == "bf16"  # training, the peer and every evaluation
         from retriever.resolve import resolve_model
         for model in (ab.MODEL, ab.GIST_GUIDE):  # fail now, not hours later at the gist arm
             resolve_model(model, require=True)
         self.train_examples, self.dev = ab.split()
 
     def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path, json.dumps(self.results, indent=2) + "\n")
 
     def chosen(self, arm: str) -> float:
@@ -96,7 +113,7 @@ class Runner:
             seconds = done["train_s"]
         scores = ab.evaluate(model_dir, self.dev, with_test=with_test, per_query=with_test)
         self.results[k] = {**scores, "arm": arm, "lr": lr, "star_lr": star_lr, "seed": seed, "train_s": seconds,
-                           "wall_s": time.perf_counter() - t0, "model": model_dir,
+                           "wall_s": time.perf_counter() - t0, "machine": machine(),
                            "finished": time.strftime("%Y-%m-%d %H:%M")}
         self.save()
         print(k, json.dumps({s: self.results[k][s] for s in ("dev", "test") if s in self.results[k]}), flush=True)
@@ -132,8 +149,9 @@ def report(results: dict) -> str:
         return f"{values[0]:.4f}" if len(values) == 1 else f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
     setup = results["_setup"]
-    lines = [f"Machine: {setup['machine']}, {setup['cpus']} cores, bf16 training {'on' if setup['bf16'] else 'off'}; "
-             f"begun {setup['begun']}.", "",
+    machines = sorted({r["machine"] for k, r in results.items() if k != "_setup" and "machine" in r})
+    lines = [f"Precision {setup['precision']}; begun {setup['begun']}; machines: {'; '.join(machines) or 'not recorded'} "
+             "(train seconds compare only within one machine).", "",
              "| arm | dev-chosen lr (dev nDCG@10 at " + ", ".join(f"{g:g}" for g in PROTOCOL["grid"]) + ") | dev nDCG@10 | "
              "test nDCG@10 | test MRR@10 | test Recall@100 | train s (mean) |", "|---|---|---|---|---|---|---|"]
     per_query = {}
@@ -163,12 +181,14 @@ def report(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ab.ROOT / "runs" / "ablation-protocol")
+    parser.add_argument("--results", type=Path, default=ab.ROOT / "bench" / "results" / "ablation-protocol" / "results.json",
+                        help="every finished run, kept under version control so the protocol spans sessions")
     parser.add_argument("--phase", choices=["dev", "test", "report", "all"], default="all")
     parser.add_argument("--output", type=Path, default=ab.ROOT / "bench" / "results" / "ablation_protocol.md")
     args = parser.parse_args()
     os.environ.setdefault("NEGATRON_ENCODE_BACKEND", "torch")  # every arm's evaluation through the same encoder
     args.work.mkdir(parents=True, exist_ok=True)
-    runner = Runner(args.work)
+    runner = Runner(args.work, args.results)
     if args.phase in ("dev", "all"):
         runner.phase_dev()
     if args.phase in ("test", "all"):

@@ -22,10 +22,10 @@ def _results(best_lr: dict[str, float], test_boost: dict[str, float]) -> dict:
     its per-query test scores are a shared base plus ``test_boost`` plus a little per-seed noise."""
     rng = np.random.default_rng(0)
     base = rng.uniform(0.3, 0.9, len(QUERIES))
-    results = {"_setup": {"bf16": False, "dev_fraction": 0.2, "machine": "x", "cpus": 2, "begun": "then"}}
+    results = {"_setup": {"precision": "fp32", "dev_fraction": 0.2, "begun": "then"}}
 
     def entry(arm, lr, seed, dev, with_test):
-        row = {"dev": {"ndcg@10": dev}, "arm": arm, "lr": lr, "seed": seed, "train_s": 10.0}
+        row = {"dev": {"ndcg@10": dev}, "arm": arm, "lr": lr, "seed": seed, "train_s": 10.0, "machine": "cpu x"}
         if with_test:
             values = np.clip(base + test_boost.get(arm, 0.0) + rng.normal(0, 0.01, len(QUERIES)), 0, 1)
             row["test_per_query"] = dict(zip(QUERIES, values.tolist()))
@@ -74,3 +74,10 @@ def test_test_is_not_scored_before_every_dev_choice_is_made():
     runner.run = lambda *a, **k: pytest.fail("a run started before phase 1 was complete")
     with pytest.raises(SystemExit, match="phase 1 .* not complete, 1 runs missing"):
         runner.phase_test()
+
+
+def test_results_of_another_precision_are_not_continued(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text('{"_setup": {"precision": "bf16", "dev_fraction": 0.2, "begun": "then"}}')
+    with pytest.raises(SystemExit, match="begun with .*bf16.* another --results file"):
+        ap.Runner(tmp_path / "work", path)
