@@ -26,7 +26,7 @@ from retriever.modeling import bf16_supported  # noqa: F401  (re-exported for ca
 from retriever.io import atomic_write, write_text_atomic
 from retriever.memory import release_freed_memory
 
-from index.openvino_backend import resolve_backend
+from index.openvino_backend import BULK_TEXTS, ENV, resolve_backend
 from index.store import FORMAT_VERSION, IDS, MANIFEST, EmbeddingStore, shard_name
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, b
         "corpus": str(Path(corpus.path).resolve()),
         "corpus_bytes": Path(corpus.path).stat().st_size,
         "bf16": bool(bf16),
-        "backend": resolve_backend(backend, model.device, bool(bf16)),
+        "backend": resolve_backend(backend, model.device, bool(bf16), bulk=count >= BULK_TEXTS),
     }
     if manifest_path.exists() and not overwrite:
         old = json.loads(manifest_path.read_text())
@@ -174,6 +174,8 @@ def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, b
                             f"folder holds embeddings of a different run ({', '.join(f'{k}: {old.get(k)!r} vs {plan[k]!r}' for k in diff)})",
                             "choose a new --output folder, or pass --overwrite to replace it")
         created = old.get("created")
+        if (backend or os.environ.get(ENV) or "auto") == "auto" and old.get("backend") in ("torch", "openvino"):
+            plan["backend"] = old["backend"]  # a resumed folder's shards all come from one backend
     else:
         if overwrite:
             for stale in out.glob("shard-*.npy"):
@@ -197,7 +199,8 @@ def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, b
         for i in todo:
             start, stop = i * shard_size, min((i + 1) * shard_size, count)
             texts = [doc.full_text for doc in corpus[start:stop]]
-            emb = _encode(model, texts, "document", batch_size, bf16, progress, backend).astype(dtype, copy=False)
+            # the manifest's backend for every shard, a small last one included
+            emb = _encode(model, texts, "document", batch_size, bf16, progress, plan["backend"]).astype(dtype, copy=False)
             with atomic_write(out / shard_name(i)) as fh:
                 np.save(fh, emb)
             del texts, emb

@@ -45,13 +45,26 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def resolve_backend(backend: str | None, device: torch.device | str, bf16: bool) -> str:
+BULK_TOKENS = 262_144  # about 1,000 documents of 256 tokens: enough work to repay a conversion (~4 s, MiniLM)
+BULK_TEXTS = 1_024     # the same for a corpus whose token counts are not known yet
+
+
+def _cpu_without_native_bf16() -> bool:
+    from retriever.modeling import bf16_supported  # modeling imports this module
+
+    return not bf16_supported("cpu")
+
+
+def resolve_backend(backend: str | None, device: torch.device | str, bf16: bool, bulk: bool = False) -> str:
     """``"torch"`` or ``"openvino"`` for an inference request.
 
-    ``auto`` (the default) picks OpenVINO on a CPU when bf16 is on (native bf16 hardware; see
-    :func:`retriever.modeling.bf16_supported`) and the package is installed; fp32 requests stay in torch,
-    whose fp32 embeddings are the reference. ``openvino`` forces it (bf16 or fp32 as asked), ``torch``
-    never uses it."""
+    ``auto`` (the default) picks OpenVINO on a CPU, when the package is installed, for bf16 requests
+    (native bf16 hardware; see :func:`retriever.modeling.bf16_supported`) and for ``bulk`` fp32 work on a
+    CPU without native bf16, where fp32 is the machine's default rather than a request for the torch
+    reference: OpenVINO fp32 encoded 1.35x torch fp32 on a Zen 3 at cosine 0.9999999 (docs/benchmarks.md).
+    Small fp32 requests, and fp32 on CPUs with native bf16 (someone turned bf16 off), stay in torch, whose
+    fp32 embeddings are the reference. ``openvino`` forces it (bf16 or fp32 as asked), ``torch`` never
+    uses it."""
     backend = backend or os.environ.get(ENV) or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"unknown encode backend {backend!r}; choose {', '.join(BACKENDS)}")
@@ -62,7 +75,7 @@ def resolve_backend(backend: str | None, device: torch.device | str, bf16: bool)
         if not openvino_available():
             raise ImportError("the openvino backend needs the openvino package: pip install 'negatron[openvino]'")
         return "openvino"
-    if backend == "auto" and cpu and bf16 and openvino_available():
+    if backend == "auto" and cpu and openvino_available() and (bf16 or (bulk and _cpu_without_native_bf16())):
         return "openvino"
     return "torch"
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from index.openvino_backend import OpenVINOTower, openvino_tower, resolve_backend
+from index.openvino_backend import BULK_TOKENS, OpenVINOTower, openvino_tower, resolve_backend
 from retriever.io import atomic_dir
 from retriever.memory import release_freed_memory
 from retriever.resolve import install_hint, resolve_model
@@ -267,8 +267,9 @@ class BiEncoder(nn.Module):
         reference embeddings. ``progress`` is an open bar to advance, ``progress.update(n)`` per batch
         (else ``show_progress`` opens a :class:`retriever.progress.ProgressDisplay` stage).
         ``backend`` (``auto``, ``torch``, ``openvino``; default ``$NEGATRON_ENCODE_BACKEND`` or
-        ``auto``): ``auto`` runs bf16 CPU inference through OpenVINO when it is installed (see
-        :mod:`index.openvino_backend`), everything else through torch.
+        ``auto``): ``auto`` runs bf16 CPU inference, and bulk fp32 inference on CPUs without native bf16,
+        through OpenVINO when it is installed (see :func:`index.openvino_backend.resolve_backend`),
+        everything else through torch.
         """
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not len(texts):
@@ -283,7 +284,7 @@ class BiEncoder(nn.Module):
         tower = self.tower(kind)
         run = tower
         batches = [order[start:start + batch_size] for start in range(0, len(texts), batch_size)]
-        if resolve_backend(backend, device, bf16) == "openvino":
+        if resolve_backend(backend, device, bf16, bulk=int(enc.lengths.sum()) >= BULK_TOKENS) == "openvino":
             # longest and shortest text: an example with padding, so the traced graph keeps the mask;
             # several batches are bulk work: compiled for throughput, every core its own batch
             run = openvino_tower(tower, self._pad(enc, [order[0], order[-1]]), bf16,

@@ -45,6 +45,12 @@ def test_resolve_backend(monkeypatch):
     assert ovb.resolve_backend("torch", "cpu", bf16=True) == "torch"
     assert ovb.resolve_backend("openvino", "cpu", bf16=False) == "openvino"
     assert ovb.resolve_backend("auto", "meta", bf16=True) == "torch"  # not a CPU
+    # bulk fp32: OpenVINO only where fp32 is the machine's default (no native bf16), never for small requests
+    for native in (True, False):
+        monkeypatch.setattr(ovb, "_cpu_without_native_bf16", lambda native=native: not native)
+        assert ovb.resolve_backend("auto", "cpu", bf16=False, bulk=True) == ("torch" if native else "openvino")
+        assert ovb.resolve_backend("auto", "cpu", bf16=False, bulk=False) == "torch"
+        assert ovb.resolve_backend("torch", "cpu", bf16=False, bulk=True) == "torch"
     monkeypatch.setenv("NEGATRON_ENCODE_BACKEND", "torch")
     assert ovb.resolve_backend(None, "cpu", bf16=True) == "torch"
     with pytest.raises(ValueError, match="unknown encode backend 'onnx'"):
@@ -193,3 +199,22 @@ def test_release_compiled_drops_every_tower_of_a_model(model, tmp_path, monkeypa
     assert ovb.release_compiled(model) == 0
     model.encode(TEXTS, bf16=False, backend="openvino")
     assert len(conversions) == 1
+
+
+def test_bulk_fp32_runs_through_openvino_only_on_a_cpu_without_native_bf16(model, tmp_path, monkeypatch, conversions):
+    import retriever.modeling as modeling
+
+    monkeypatch.setenv("NEGATRON_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("NEGATRON_ENCODE_BACKEND", raising=False)
+    ref = model.encode(TEXTS, bf16=False, backend="torch")
+    tokens = int(sum(len(model.tokenizer(t)["input_ids"]) for t in TEXTS))
+    monkeypatch.setattr(modeling, "BULK_TOKENS", tokens)  # these four texts count as bulk work
+    monkeypatch.setattr(ovb, "_cpu_without_native_bf16", lambda: False)
+    model.encode(TEXTS, bf16=False)
+    assert not conversions  # native bf16 CPU: an fp32 request is a request for the torch reference
+    monkeypatch.setattr(ovb, "_cpu_without_native_bf16", lambda: True)
+    model.encode(TEXTS[:2], bf16=False)
+    assert not conversions  # too little work to repay a conversion
+    got = model.encode(TEXTS, bf16=False)
+    assert len(conversions) == 1
+    np.testing.assert_allclose(got, ref, atol=2e-5)
