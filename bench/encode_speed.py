@@ -115,13 +115,13 @@ def main() -> None:
     from index.openvino_backend import resolve_backend
 
     native = bf16_supported("cpu")
-    backend = resolve_backend(None, "cpu", native)
-    if native and backend == "openvino":
-        timed(f"negatron encode, torch backend (`--backend torch`: bf16 autocast), batch {default_batch_size('cpu')}",
-              lambda: encode_texts(ours, texts, kind="document", backend="torch"))
-    default = ("bf16 " + ("OpenVINO, one stream per core, model conversion included" if backend == "openvino"
-                          else "autocast")) if native \
-        else "fp32: no native bf16 on this CPU"
+    backend = resolve_backend(None, "cpu", native, bulk=True)
+    if backend == "openvino":
+        timed(f"negatron encode, torch backend (`--backend torch`: {'bf16 autocast' if native else 'fp32'}), "
+              f"batch {default_batch_size('cpu')}", lambda: encode_texts(ours, texts, kind="document", backend="torch"))
+    default = ("bf16 " if native else "fp32 (no native bf16 on this CPU) ") + (
+        "OpenVINO, one stream per core, model conversion included" if backend == "openvino"
+        else "autocast" if native else "torch")
     timed(f"negatron encode (default: {default}, batch {default_batch_size('cpu')})",
           lambda: encode_texts(ours, texts, kind="document"))
     if args.ranks > 0:

@@ -24,7 +24,7 @@ def encode_command(
     dtype: str = typer.Option("float16", "--dtype", help="On-disk precision: float16 or float32."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Documents per shard, the unit of resume and of torchrun sharding (default: up to 100,000, at least one shard per rank)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder holding a different run."),
-    backend: str = typer.Option("auto", "--backend", help="Inference backend: auto (OpenVINO for bf16 on CPUs when installed, else torch), torch or openvino."),
+    backend: str = typer.Option("auto", "--backend", help="Inference backend: auto (OpenVINO when installed, on a CPU: for bf16, and for bulk fp32 where the CPU has no native bf16; else torch), torch or openvino."),
 ) -> None:
     """Encode a corpus into float16/float32 embedding shards."""
     from retriever.data import DataError

@@ -130,7 +130,8 @@ def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, b
     100,000 documents, and small enough that every torchrun rank gets a shard.
     ``distributed=False`` encodes everything in this process even under torchrun (a mining service's
     refresh thread: its rank must not wait in a barrier the other ranks never reach).
-    ``backend`` is the inference backend (``auto``: OpenVINO for bf16 on CPUs when installed; see
+    ``backend`` is the inference backend (``auto``: OpenVINO on CPUs when installed, for bf16 and for a corpus of at least
+    ``BULK_TEXTS`` texts in fp32 on a CPU without native bf16; see
     :func:`index.openvino_backend.resolve_backend`).
     """
     if dtype not in ("float16", "float32"):

@@ -61,7 +61,7 @@ def resolve_backend(backend: str | None, device: torch.device | str, bf16: bool,
     ``auto`` (the default) picks OpenVINO on a CPU, when the package is installed, for bf16 requests
     (native bf16 hardware; see :func:`retriever.modeling.bf16_supported`) and for ``bulk`` fp32 work on a
     CPU without native bf16, where fp32 is the machine's default rather than a request for the torch
-    reference: OpenVINO fp32 encoded 1.35x torch fp32 on a Zen 3 at cosine 0.9999999 (docs/benchmarks.md).
+    reference: on a Zen 3, OpenVINO fp32 encoded 1.07-1.35x torch fp32 at cosine 0.9999999 (docs/benchmarks.md).
     Small fp32 requests, and fp32 on CPUs with native bf16 (someone turned bf16 off), stay in torch, whose
     fp32 embeddings are the reference. ``openvino`` forces it (bf16 or fp32 as asked), ``torch`` never
     uses it."""

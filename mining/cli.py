@@ -52,7 +52,7 @@ def mine_command(
     query_batch_size: int = typer.Option(256, "--query-batch-size", help="queries searched per chunk (bounds memory)"),
     device: Optional[str] = typer.Option(None, "--device", help="torch device for the models (default: cuda:<LOCAL_RANK> when CUDA is available, else cpu)"),
     fp32: bool = typer.Option(False, "--fp32", help="encode in fp32 instead of bf16 autocast"),
-    backend: str = typer.Option("auto", "--backend", help="inference backend for every encoding of this run: auto (OpenVINO for bf16 on CPUs when installed), torch or openvino"),
+    backend: str = typer.Option("auto", "--backend", help="inference backend for every encoding of this run: auto (OpenVINO when installed, on a CPU: for bf16, and for bulk fp32 where the CPU has no native bf16), torch or openvino"),
 ) -> None:
     """Mine hard negatives for training queries into FlagEmbedding training JSONL."""
     import time
