@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -63,16 +62,10 @@ def chosen_lr(results: dict, arm: str) -> float:
 
 
 def machine() -> str:
-    """The CPU model name (``lscpu``'s), the core count and whether it computes bf16 natively."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cpus{', native bf16' if ab._bf16() else ''}"
+    """The bench runner's machine tag (CPU model, cores, top GEMM flag: a Zen 3 and a Zen 4 VM differ)."""
+    import run_benchmarks
+
+    return run_benchmarks.record_machine(os.cpu_count(), gemm=False)["tag"]
 
 
 class Runner:

@@ -191,3 +191,33 @@ def test_not_distributed_inside_a_real_process_group(tiny_model_dir, corpus_file
     mp.spawn(_refresh_on_rank0, args=(str(tmp_path / "init"), str(tiny_model_dir), str(corpus_file),
                                       str(tmp_path / "emb"), str(result)), nprocs=2, join=True)
     assert result.read_text() == f"{len(TEXTS) * 3} 1"
+
+
+def test_a_resumed_folder_keeps_the_backend_it_began_with(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    import index.encode as enc
+    from index import openvino_backend as ovb
+
+    monkeypatch.delenv("NEGATRON_ENCODE_BACKEND", raising=False)
+    out = tmp_path / "emb"
+    real, backends = enc._encode, []
+
+    def dying(*args, **kwargs):
+        if len(backends) == 2:
+            raise KeyboardInterrupt  # killed while encoding the third shard
+        backends.append(args[6])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(enc, "_encode", dying)
+    with pytest.raises(KeyboardInterrupt):
+        encode_corpus(str(tiny_model_dir), corpus_file, out, shard_size=5, show_progress=False, bf16=False,
+                      backend="torch")
+    # resumed with `auto` where a fresh plan would now choose OpenVINO (bulk fp32 on a CPU without native bf16)
+    monkeypatch.setattr(enc, "BULK_TEXTS", 1)
+    monkeypatch.setattr(ovb, "_cpu_without_native_bf16", lambda: True)
+    monkeypatch.setattr(ovb, "openvino_available", lambda: True)
+    assert ovb.resolve_backend(None, "cpu", False, bulk=True) == "openvino"
+    backends.clear()
+    monkeypatch.setattr(enc, "_encode", lambda *a, **k: (backends.append(a[6]), real(*a, **k))[1])
+    encode_corpus(str(tiny_model_dir), corpus_file, out, shard_size=5, show_progress=False, bf16=False)
+    assert backends == ["torch"] * 3
+    assert json.loads((out / "manifest.json").read_text())["backend"] == "torch"
