@@ -135,7 +135,7 @@ def main() -> None:
     out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
            f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {bf16_supported('cpu')}",
            "docs": len(texts), "mean_tokens": float(tokens.mean()), "gflop_per_doc": flops / len(texts) / 1e9,
-           "peak_bf16_gflops": peak_bf16 / 1e9 if peak_bf16 else None, "peak_fp32_gflops": peak_fp32 / 1e9, "rows": []}
+           "native_bf16": native, "peak_bf16_gflops": peak_bf16 / 1e9 if peak_bf16 else None, "peak_fp32_gflops": peak_fp32 / 1e9, "rows": []}
     print(f"\n{out['machine']}; {len(texts)} docs, mean {tokens.mean():.0f} tokens, {flops / len(texts) / 1e9:.2f} GFLOP/doc; "
           f"matmul peak bf16 {f'{peak_bf16 / 1e9:.0f} GFLOP/s' if peak_bf16 else 'not native'}, fp32 {peak_fp32 / 1e9:.0f} GFLOP/s\n")
     print("| system | docs/s | vs ST fp32 | min cosine to ST fp32 | mean cosine | achieved GFLOP/s | % of bf16 matmul peak | % of fp32 matmul peak |")

@@ -108,8 +108,9 @@ def pct(x: float) -> str:
 
 
 def encode_rows(r: dict) -> list[list[str]]:
-    # no native bf16: emulated bf16 is no limit (runs before 2026-12-07 still measured one)
-    native = "native bf16 False" not in r["machine"]
+    # no native bf16: emulated bf16 is no limit (runs before 2026-12-07 still measured one and recorded
+    # nativeness only inside the machine string)
+    native = r["native_bf16"] if "native_bf16" in r else "native bf16 False" not in r["machine"]
     return [[x["system"], f"{x['docs_per_s']:.1f}", f"{x['speedup']:.2f}×", f"{x['min_cos']:.5f}",
              f"{x['mean_cos']:.6f}", f"{x['gflops']:.0f}",
              pct(x["frac_bf16_peak"]) if native and x.get("frac_bf16_peak") else "– (not native)",

@@ -124,3 +124,15 @@ def test_service_table_has_one_row_per_backend(runner):
     table = rb.get_block(rb.get_block(docs.read_text(), "machine-a"), "machine-a:service")
     assert "| auto (openvino) | 2,000 | 0 | 1,500 | 1, 2 (all valid) | 82.7 ms | 141.0 ms |" in table
     assert "| torch | 2,000 | 0 | 1,500 | 1, 2 (all valid) | 99.1 ms | 141.0 ms |" in table
+
+
+def test_encode_table_reads_nativeness_from_the_field_not_the_machine_string():
+    """An emulated bf16 peak is no limit: the table shows no bf16 fraction where the bench says not native,
+    whatever the free-text machine string says (older results only have the string)."""
+    row = {"system": "negatron", "docs_per_s": 10.0, "speedup": 1.2, "min_cos": 0.9999, "mean_cos": 0.99999,
+           "gflops": 50.0, "frac_bf16_peak": 0.5, "frac_fp32_peak": 0.4}
+    bf16_cell = lambda r: rb.encode_rows(r)[0][6]  # noqa: E731
+    assert bf16_cell({"machine": "x86_64, native bf16 True", "native_bf16": False, "rows": [row]}) == "– (not native)"
+    assert bf16_cell({"machine": "x86_64", "native_bf16": True, "rows": [row]}) == "50 %"
+    assert bf16_cell({"machine": "x86_64, native bf16 False", "rows": [row]}) == "– (not native)"
+    assert bf16_cell({"machine": "x86_64, native bf16 True", "rows": [row]}) == "50 %"
