@@ -55,6 +55,7 @@ METRICS = ("ndcg@10", "mrr@10", "recall@100")
 ATTENTION_DROPOUT: float | str | None = None  # --attention-dropout: None leaves the config default
 QUERY_MAX_LENGTH = 64  # --query-max-length (the peer truncates queries at the model's 256)
 WEIGHT_DECAY: float | None = None  # --weight-decay: None leaves the config default (0.01; the peer's is 0)
+SAMPLER: str | None = None  # --sampler: the inbatch arm's data.sampler; None leaves the config default (random)
 ARMS = ["zero-shot", "inbatch", "bm25", "star", "star-adore", "gist", "ar2", "ance", "tasb", "st-mnrl"]
 
 
@@ -200,6 +201,8 @@ def run_arm(arm: str, work: Path, train_examples, seed: int, lr: float | None = 
         inbatch = cfg("inbatch")
         if rows is not None:  # data.rows (issue #12): per_query (the trainer's default) or per_pair
             inbatch["data"]["rows"] = rows
+        if SAMPLER is not None:  # data.sampler (issue #12): no_duplicates is the peer's batch sampler
+            inbatch["data"]["sampler"] = SAMPLER
         path = train(inbatch, work / (arm + tag))
     elif arm == "bm25":
         mined = bm25_mined(work.parent, train_examples)  # BM25 is deterministic: shared by the seeds
@@ -308,7 +311,7 @@ def _attention_dropout(value: str) -> float | str:
 
 
 def main() -> None:
-    global DEV_FRACTION, ATTENTION_DROPOUT, QUERY_MAX_LENGTH, WEIGHT_DECAY
+    global DEV_FRACTION, ATTENTION_DROPOUT, QUERY_MAX_LENGTH, WEIGHT_DECAY, SAMPLER
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
@@ -317,6 +320,9 @@ def main() -> None:
     parser.add_argument("--star-lr", type=float, help="star-adore: the STAR stage's learning rate")
     parser.add_argument("--rows", choices=["per_query", "per_pair"],
                         help="inbatch: the trainer's data.rows (default: the config default, per_query)")
+    parser.add_argument("--sampler", choices=["random", "no_duplicates"],
+                        help="inbatch: the trainer's data.sampler (default: the config default, random); use its "
+                             "own --work folder per value")
     parser.add_argument("--dev-only", action="store_true", help="record dev figures only (for tuning); test is not scored")
     parser.add_argument("--dev-fraction", type=float, default=DEV_FRACTION,
                         help="share of SciFact train held out as dev, the same for every arm (default %(default)s; "
@@ -337,7 +343,7 @@ def main() -> None:
                        else args.work / "ablation.md")
     DEV_FRACTION = args.dev_fraction
     ATTENTION_DROPOUT = args.attention_dropout
-    QUERY_MAX_LENGTH, WEIGHT_DECAY = args.query_max_length, args.weight_decay
+    QUERY_MAX_LENGTH, WEIGHT_DECAY, SAMPLER = args.query_max_length, args.weight_decay, args.sampler
     lrs, epochs = _overrides(args.lr, "--lr"), _overrides(args.epochs, "--epochs", int)
     args.work.mkdir(parents=True, exist_ok=True)
     results_path = args.work / "results.json"
@@ -361,7 +367,7 @@ def main() -> None:
             scores = evaluate(model_dir, dev, with_test=not args.dev_only)
             results[key] = {**scores, "seed": seed, "train_s": seconds, "model": model_dir,
                             "dev_fraction": DEV_FRACTION, "attention_dropout": ATTENTION_DROPOUT,
-                            "query_max_length": QUERY_MAX_LENGTH, "weight_decay": WEIGHT_DECAY}
+                            "query_max_length": QUERY_MAX_LENGTH, "weight_decay": WEIGHT_DECAY, "sampler": SAMPLER}
             write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
             write_report(results, args.output)
             print(key, json.dumps({s: results[key][s] for s in ("dev", "test") if s in results[key]}), flush=True)

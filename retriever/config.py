@@ -75,6 +75,12 @@ class DataConfig(_Strict):
         "per_query", description="what one training row is: per_query, one query with one of its positives drawn "
                                  "at random each epoch; per_pair, one (query, positive) pair, so an epoch trains "
                                  "every positive once (sentence-transformers' layout; not with tasb)")
+    sampler: Literal["random", "no_duplicates"] = Field(
+        "random", description="how an epoch's rows are ordered into batches: random, a shuffle (a repeated "
+                              "query or positive in one batch is masked out of the in-batch negatives); "
+                              "no_duplicates, the same shuffle with any row whose query text or positive passage "
+                              "is already in the batch deferred to a later batch (sentence-transformers' "
+                              "NO_DUPLICATES batch sampler; not with tasb)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -193,13 +199,16 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _pair_rows_need_the_trainer_order(self) -> "TrainConfig":
-        """``data.rows: per_pair`` is refused where the strategy orders the epoch's queries itself (TAS-B's
-        topic batches are built from queries, not pairs)."""
+        """``data.rows: per_pair`` and ``data.sampler: no_duplicates`` are refused where the strategy orders the
+        epoch's queries itself (TAS-B's topic batches are built from queries, not pairs)."""
         from retriever.negatives import get_strategy
 
         if self.data.rows == "per_pair" and get_strategy(self.negatives.strategy).orders_epoch():
             raise ValueError(f"data.rows: per_pair does not apply to negatives.strategy {self.negatives.strategy!r}, "
                              "which builds each epoch's batches from queries; use data.rows: per_query")
+        if self.data.sampler != "random" and get_strategy(self.negatives.strategy).orders_epoch():
+            raise ValueError(f"data.sampler: {self.data.sampler} does not apply to negatives.strategy "
+                             f"{self.negatives.strategy!r}, which builds each epoch's batches itself; remove it")
         return self
 
     @model_validator(mode="after")

@@ -135,6 +135,9 @@ class RankerConfig(_Strict):
         if self.data.rows != "per_query":
             raise ValueError("data.rows: per_pair is a bi-encoder trainer layout (negatron train); the ranker "
                              "trains one row per query: remove it")
+        if self.data.sampler != "random":
+            raise ValueError("data.sampler is a bi-encoder trainer option (negatron train): a ranker has no "
+                             "in-batch negatives to keep distinct; remove it")
         if self.negatives.source in ("dense", "bm25") and self.data.beir is None:
             raise ValueError(f"negatives.source {self.negatives.source} retrieves from a corpus: use a data.beir source")
         if self.evaluation is not None and self.data.dev_fraction == 0:

@@ -9,6 +9,7 @@ communication and a resumed run rebuilds the exact same batches.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -102,6 +103,80 @@ def pair_rows(examples: Sequence[TrainingExample]) -> np.ndarray:
     example = np.repeat(np.arange(len(examples), dtype=np.int64), counts)
     starts = np.repeat(np.cumsum(counts) - counts, counts)
     return np.stack([example, np.arange(len(example), dtype=np.int64) - starts], axis=1)
+
+
+def _stable_key(kind: str, value: str) -> int:
+    # a stable 63-bit hash: every process (and a resumed run) must derive the same order
+    return int.from_bytes(hashlib.blake2b(f"{kind}\0{value}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def row_keys(examples: Sequence[TrainingExample], pairs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """What must not repeat within a batch under ``data.sampler: no_duplicates``, per training row, as CSR
+    lists ``(ptr, keys)``: the row's query text and its positive passage (per_pair: the pair's one positive;
+    per_query: every positive the row may draw). A passage is keyed by its document id, or its text where
+    it has none. Computed once per run as int64 arrays (16 bytes a row per_pair); id-based tables are read
+    without passage texts."""
+    base, rows = (examples.base, examples.rows) if isinstance(examples, ExampleView) else (examples, None)
+    table = base if isinstance(base, ExampleTable) else None
+
+    def keys_of(i: int) -> tuple[int, list[int]]:
+        j = int(rows[i]) if rows is not None else i
+        if table is not None:
+            refs = table.pos_rows[table.pos_ptr[j]:table.pos_ptr[j + 1]].tolist()
+            passages = [_stable_key("row", str(v)) if v >= 0 else
+                        _stable_key("id", table.text_ids[-v - 1]) if table.text_ids[-v - 1] else
+                        _stable_key("text", table.texts[-v - 1]) for v in refs]
+            return _stable_key("query", table.queries[j]), passages
+        ex = base[j]
+        ids = ex.positive_ids if len(ex.positive_ids) == len(ex.positives) else [None] * len(ex.positives)
+        return _stable_key("query", ex.query), [_stable_key("id", d) if d else _stable_key("text", t)
+                                                for d, t in zip(ids, ex.positives)]
+
+    if pairs is None:
+        counts = 1 + positive_counts(examples)
+        keys = np.empty(int(counts.sum()), dtype=np.int64)
+        at = 0
+        for i in range(len(examples)):
+            query, passages = keys_of(i)
+            keys[at:at + 1 + len(passages)] = [query, *passages]
+            at += 1 + len(passages)
+    else:
+        keys = np.empty(2 * len(pairs), dtype=np.int64)
+        cached = (-1, None)
+        for n, (i, p) in enumerate(pairs.tolist()):
+            if cached[0] != i:  # pairs are example-major: one read per example
+                cached = (i, keys_of(i))
+            keys[2 * n:2 * n + 2] = cached[1][0], cached[1][1][p]
+        counts = np.full(len(pairs), 2, dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), keys
+
+
+def no_duplicates_order(order: np.ndarray, keys: tuple[np.ndarray, np.ndarray], batch_size: int) -> np.ndarray:
+    """``order`` regrouped so that no batch of ``batch_size`` consecutive rows holds a key twice, as
+    sentence-transformers' ``NoDuplicatesBatchSampler``: each batch takes the earliest remaining rows that do
+    not collide with it, later rows wait for a later batch. Once the remaining rows cannot fill a batch
+    without a repeat (the epoch's tail), they follow in order and the trainer's duplicate mask handles them;
+    a partial batch there is dropped like any last partial batch."""
+    ptr, flat = keys
+    remaining = dict.fromkeys(order.tolist())
+    out: list[int] = []
+    while remaining:
+        seen: set[int] = set()
+        batch: list[int] = []
+        for r in remaining:
+            row = flat[ptr[r]:ptr[r + 1]].tolist()
+            if seen.isdisjoint(row):
+                batch.append(r)
+                if len(batch) == batch_size:
+                    break
+                seen.update(row)
+        if len(batch) < batch_size:  # the tail: no full batch without a repeat is left
+            out += list(remaining)
+            break
+        for r in batch:
+            del remaining[r]
+        out += batch
+    return np.asarray(out, dtype=np.int64)
 
 
 @dataclass

@@ -33,7 +33,8 @@ from retriever.losses import CONTRASTIVE_LOSSES
 from retriever.modeling import BiEncoder, apply_attention_dropout, bf16_supported
 from retriever.negatives import get_strategy
 from retriever.step import grad_cache_step, plain_step
-from retriever.train_data import BatchCollator, epoch_order, load_examples, pair_rows, split_dev, write_examples
+from retriever.train_data import (BatchCollator, epoch_order, load_examples, no_duplicates_order, pair_rows, row_keys,
+                                  split_dev, write_examples)
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ class Trainer:
         # data.rows: per_pair trains every (query, positive) pair once an epoch; per_query: one row per query
         self.pairs = pair_rows(self.train_examples) if config.data.rows == "per_pair" else None
         self.num_rows = len(self.train_examples) if self.pairs is None else len(self.pairs)
+        # data.sampler: no_duplicates regroups each epoch's shuffle; the keys are read once, the order per epoch
+        self.duplicate_keys = row_keys(self.train_examples, self.pairs) if config.data.sampler == "no_duplicates" else None
+        self._epoch_order: tuple[int, np.ndarray] | None = None
         self.global_batch = t.batch_size * self.dist.world_size
         self.steps_per_epoch = self.num_rows // (self.global_batch * t.gradient_accumulation_steps)
         if self.steps_per_epoch == 0:
@@ -165,11 +169,23 @@ class Trainer:
         ``train_examples`` (``data.rows: per_query``) or into ``pairs`` (per_pair)."""
         t = self.config.training
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        order = self.strategy.epoch_order(self.num_rows, t.seed, epoch) if self.pairs is None else None
-        if order is None:
-            order = epoch_order(self.num_rows, t.seed, epoch)
+        order = self._order(epoch)
         span = t.gradient_accumulation_steps * self.global_batch
         return order[in_epoch * span:(in_epoch + 1) * span]
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """The rows of ``epoch`` in training order: a pure function of (seed, epoch), so a resumed run and
+        every process agree on it. A no_duplicates order is kept for the epoch (one pass over its rows)."""
+        t = self.config.training
+        order = self.strategy.epoch_order(self.num_rows, t.seed, epoch) if self.pairs is None else None
+        if order is not None:
+            return order
+        if self.duplicate_keys is None:
+            return epoch_order(self.num_rows, t.seed, epoch)
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = no_duplicates_order(epoch_order(self.num_rows, t.seed, epoch), self.duplicate_keys, self.global_batch)
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
 
     def step_examples(self, step: int) -> list:
         """The training examples of optimizer step ``step`` (a query trained on two of its positives
