@@ -279,11 +279,14 @@ def nlist_for(n: int) -> int:
     return max(1, min(nlist, n // 39))
 
 
+DOC_MAX_LENGTH = 128  # the train stages' model.doc_max_length; the encode stage truncates alike (reusable)
+
+
 def _encode_cmd(model: Path, corpus: Path, emb: Path, threads: int, ranks: int) -> list[str]:
     """``negatron encode``, or with ``ranks`` > 1 the same command under torchrun (each rank its shards,
     ``threads // ranks`` threads each: two 1-thread ranks keep two cores busier than one 2-thread process)."""
     args = ["encode", "--model", model, "--corpus", corpus, "--output", emb, "--batch-size", 256, "--overwrite",
-            "--backend", "torch"]
+            "--backend", "torch", "--max-length", DOC_MAX_LENGTH]
     if ranks <= 1:
         return _cli(*args)
     bin_dir = Path(sys.executable).parent
@@ -294,7 +297,7 @@ def _encode_cmd(model: Path, corpus: Path, emb: Path, threads: int, ranks: int) 
 
 def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: bool = False,
              stages: Sequence[str] | None = None, timeout: float | None = None, encode_ranks: int = 1,
-             mine_limit: int | None = None) -> dict:
+             mine_limit: int | None = None, reuse_embeddings: bool = False) -> dict:
     """Run ``stages`` (default :data:`DEFAULT_STAGES`, in plan order; a list given runs in its own order)
     on ``n`` passages."""
     data = cache / f"n{n}"
@@ -337,7 +340,7 @@ def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: boo
         ("train-triples", _train_cmd(work, model, "hard", steps, threads, {"triples": data / "triples.train.small.tsv"}),
          [work / "run-hard"]),
         *[(f"train-{name}", _train_cmd(work, model, name, steps, threads, qrels_data, options), [work / f"run-{name}"])
-          for name, options in _strategy_options(steps).items()],
+          for name, options in _strategy_options(steps, emb if reuse_embeddings else None).items()],
         ("eval", _cli("eval", "msmarco", "--model", model, "--collection", data / "collection.tsv",
                       "--queries", data / "queries.dev.small.tsv", "--qrels", data / "qrels.dev.small.tsv",
                       "--index", ix_exact, "--k", 1000, "--output", work / "eval"), [work / "eval"]),
@@ -386,7 +389,7 @@ def _train_cmd(work: Path, model: Path, strategy: str, steps: int, threads: int,
 
     name = name or strategy
     config = {
-        "model": {"name": str(model), "query_max_length": 32, "doc_max_length": 128},
+        "model": {"name": str(model), "query_max_length": 32, "doc_max_length": DOC_MAX_LENGTH},
         "data": {k: str(v) for k, v in data.items()},
         "negatives": {"strategy": strategy, **({"options": options} if options else {})},
         "training": {"learning_rate": 1e-4, "batch_size": 32, "max_steps": steps, "warmup_ratio": 0.1,
@@ -400,11 +403,16 @@ def _train_cmd(work: Path, model: Path, strategy: str, steps: int, threads: int,
 # The index-backed strategies at scale: each encodes the corpus itself (STAR's warm-up mining, ADORE's
 # frozen document index, ANCE's first index and one refresh inside the stage), with the default
 # ``negatives.options.index`` (factory auto: Flat below 1M documents, IVF,SQfp16 from there on).
-def _strategy_options(steps: int) -> dict[str, dict]:
+# ``embeddings``: the encode stage's folder (``--reuse-embeddings``), which the tiny model wrote, as the
+# first index's model would: each strategy then skips its own first corpus encode (ANCE's refresh still
+# encodes its newer snapshot).
+def _strategy_options(steps: int, embeddings: Path | None = None) -> dict[str, dict]:
+    index = {"index": {"embeddings": str(embeddings)}} if embeddings is not None else {}
     return {
-        "star": {"hard_per_query": 1, "random_per_query": 1, "range_max": 100},
-        "adore": {"k": 100, "encode_batch_size": 256},
-        "ance": {"k": 100, "refresh_every": max(1, steps // 2), "wait_for_refresh": True, "encode_batch_size": 256},
+        "star": {"hard_per_query": 1, "random_per_query": 1, "range_max": 100, **index},
+        "adore": {"k": 100, "encode_batch_size": 256, **index},
+        "ance": {"k": 100, "refresh_every": max(1, steps // 2), "wait_for_refresh": True, "encode_batch_size": 256,
+                 **index},
     }
 
 
@@ -546,6 +554,9 @@ def main(argv=None) -> int:
     ap.add_argument("--encode-ranks", type=int, default=1, help="run the encode stage under torchrun with this many ranks")
     ap.add_argument("--gpu", action="store_true", help="let stages see the GPU (faiss GPU builds, CUDA encode)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--reuse-embeddings", action="store_true",
+                    help="STAR/ADORE/ANCE build their first index from the encode stage's folder "
+                         "(negatives.options.index.embeddings) instead of encoding the corpus again")
     args = ap.parse_args(argv)
     cache = args.cache or default_cache_dir() / "scale-rehearsal"
     cache.mkdir(parents=True, exist_ok=True)
@@ -554,7 +565,8 @@ def main(argv=None) -> int:
     try:
         for n in args.sizes:
             results.append(rehearse(n, cache, work_root / f"n{n}", args.steps, args.threads, args.gpu,
-                                    args.stages, encode_ranks=args.encode_ranks, mine_limit=args.mine_queries))
+                                    args.stages, encode_ranks=args.encode_ranks, mine_limit=args.mine_queries,
+                                    reuse_embeddings=args.reuse_embeddings))
     finally:
         if args.work is None:
             shutil.rmtree(work_root, ignore_errors=True)

@@ -25,6 +25,7 @@ def encode_command(
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Documents per shard, the unit of resume and of torchrun sharding (default: up to 100,000, at least one shard per rank)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder holding a different run."),
     backend: str = typer.Option("auto", "--backend", help="Inference backend: auto (OpenVINO when installed, on a CPU: for bf16, and for bulk fp32 where the CPU has no native bf16; else torch), torch or openvino."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Truncate documents at this many tokens (default: the model's own). Give a training config's model.doc_max_length to prepare a folder for negatives.options.index.embeddings."),
 ) -> None:
     """Encode a corpus into float16/float32 embedding shards."""
     from retriever.data import DataError
@@ -35,7 +36,8 @@ def encode_command(
         raise typer.BadParameter("use float16 or float32", param_hint="--dtype")
     try:
         store = encode_corpus(model, corpus, output, batch_size=batch_size, bf16=False if fp32 else None,
-                              shard_size=shard_size, dtype=dtype, overwrite=overwrite, backend=backend)
+                              shard_size=shard_size, dtype=dtype, overwrite=overwrite, backend=backend,
+                              max_length=max_length)
     except (DataError, OSError, ValueError, ImportError) as exc:
         _fail(exc)
     if store is not None:

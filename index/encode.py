@@ -119,7 +119,8 @@ def _open_corpus(corpus) -> Corpus:
 
 def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, bf16: bool | None = None,
                   shard_size: int | None = None, show_progress: bool = True, dtype: str = "float16",
-                  overwrite: bool = False, distributed: bool = True, backend: str | None = None) -> EmbeddingStore:
+                  overwrite: bool = False, distributed: bool = True, backend: str | None = None,
+                  max_length: int | None = None) -> EmbeddingStore:
     """Encode every document (``title + " " + text``) of ``corpus`` into ``output_dir``.
 
     ``dtype`` is the on-disk precision (float16 halves disk and RAM; cosine to float32 > 0.9999).
@@ -133,12 +134,20 @@ def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, b
     ``backend`` is the inference backend (``auto``: OpenVINO on CPUs when installed, for bf16 and for a corpus of at least
     ``BULK_TEXTS`` texts in fp32 on a CPU without native bf16; see
     :func:`index.openvino_backend.resolve_backend`).
+    ``max_length`` truncates documents at that many tokens instead of the model's own ``doc_max_length``: a
+    training config's ``model.doc_max_length``, so that a strategy's ``negatives.options.index.embeddings``
+    accepts the folder (the fingerprint includes the length). Only with a model given by name or path.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, not {dtype!r}")
     if shard_size is not None and shard_size < 1:
         raise ValueError("shard_size must be positive")
+    if max_length is not None and (max_length < 1 or not isinstance(model, (str, os.PathLike))):
+        raise ValueError("max_length must be positive and comes with a model name or path (a loaded model "
+                         "keeps its own doc_max_length)")
     model = load_model(model)
+    if max_length is not None:
+        model.doc_max_length = max_length
     corpus = _open_corpus(corpus)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,9 +180,16 @@ def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, b
         old = json.loads(manifest_path.read_text())
         diff = [k for k in _PLAN_KEYS if old.get(k) != plan[k]]
         if diff:
+            if "checkpoint_hash" in diff and old.get("max_length") != plan["max_length"]:
+                diff.append("max_length")  # the fingerprint covers it; naming it says what to change
+            fix = "choose a new --output folder, or pass --overwrite to replace it"
+            if "max_length" in diff:
+                fix = (f"the folder was encoded at {old.get('max_length')} tokens, this model truncates at "
+                       f"{plan['max_length']}: encode with `--max-length {plan['max_length']}` (or set the config's "
+                       f"model.doc_max_length to {old.get('max_length')}); or " + fix)
             raise DataError(manifest_path, None,
                             f"folder holds embeddings of a different run ({', '.join(f'{k}: {old.get(k)!r} vs {plan[k]!r}' for k in diff)})",
-                            "choose a new --output folder, or pass --overwrite to replace it")
+                            fix)
         created = old.get("created")
         if (backend or os.environ.get(ENV) or "auto") == "auto" and old.get("backend") in ("torch", "openvino"):
             plan["backend"] = old["backend"]  # a resumed folder's shards all come from one backend

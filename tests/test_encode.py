@@ -221,3 +221,26 @@ def test_a_resumed_folder_keeps_the_backend_it_began_with(tiny_model_dir, corpus
     encode_corpus(str(tiny_model_dir), corpus_file, out, shard_size=5, show_progress=False, bf16=False)
     assert backends == ["torch"] * 3
     assert json.loads((out / "manifest.json").read_text())["backend"] == "torch"
+
+
+def test_max_length_matches_a_training_configs_doc_length(tiny_model_dir, corpus_file, tmp_path):
+    """``max_length`` (``negatron encode --max-length``) encodes as a model with that ``doc_max_length``
+    does: same embeddings, same fingerprint (what ``negatives.options.index.embeddings`` checks)."""
+    store = encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "emb", bf16=False, dtype="float32",
+                          show_progress=False, max_length=6)
+    model = BiEncoder.from_pretrained(tiny_model_dir)
+    full = model.encode(Corpus(corpus_file).texts(range(21)), kind="document", bf16=False)
+    default_hash = model_fingerprint(model)
+    model.doc_max_length = 6
+    short = model.encode(Corpus(corpus_file).texts(range(21)), kind="document", bf16=False)
+    assert store.manifest["max_length"] == 6 and store.checkpoint_hash == model_fingerprint(model) != default_hash
+    np.testing.assert_allclose(store.load_all(), short, atol=1e-5)
+    assert np.abs(short - full).max() > 1e-3  # the corpus has documents longer than 6 tokens
+    with pytest.raises(ValueError, match="max_length"):
+        encode_corpus(model, corpus_file, tmp_path / "emb2", show_progress=False, max_length=6)
+
+
+def test_a_folder_of_another_length_names_the_length_and_the_fix(tiny_model_dir, corpus_file, tmp_path):
+    encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "emb", bf16=False, show_progress=False, max_length=6)
+    with pytest.raises(DataError, match=r"max_length: 6 vs 5.*--max-length 5"):
+        encode_corpus(str(tiny_model_dir), corpus_file, tmp_path / "emb", bf16=False, show_progress=False, max_length=5)
