@@ -279,14 +279,16 @@ def nlist_for(n: int) -> int:
     return max(1, min(nlist, n // 39))
 
 
-DOC_MAX_LENGTH = 128  # the train stages' model.doc_max_length; the encode stage truncates alike (reusable)
+DOC_MAX_LENGTH = 128  # the train stages' model.doc_max_length
 
 
-def _encode_cmd(model: Path, corpus: Path, emb: Path, threads: int, ranks: int) -> list[str]:
+def _encode_cmd(model: Path, corpus: Path, emb: Path, threads: int, ranks: int,
+                max_length: int | None = None) -> list[str]:
     """``negatron encode``, or with ``ranks`` > 1 the same command under torchrun (each rank its shards,
-    ``threads // ranks`` threads each: two 1-thread ranks keep two cores busier than one 2-thread process)."""
+    ``threads // ranks`` threads each: two 1-thread ranks keep two cores busier than one 2-thread process).
+    ``max_length``: truncate as the train stages do, so that their strategies can reuse the folder."""
     args = ["encode", "--model", model, "--corpus", corpus, "--output", emb, "--batch-size", 256, "--overwrite",
-            "--backend", "torch", "--max-length", DOC_MAX_LENGTH]
+            "--backend", "torch", *(["--max-length", max_length] if max_length else [])]
     if ranks <= 1:
         return _cli(*args)
     bin_dir = Path(sys.executable).parent
@@ -300,6 +302,10 @@ def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: boo
              mine_limit: int | None = None, reuse_embeddings: bool = False) -> dict:
     """Run ``stages`` (default :data:`DEFAULT_STAGES`, in plan order; a list given runs in its own order)
     on ``n`` passages."""
+    if reuse_embeddings and {"eval", "mine"} & set(stages or DEFAULT_STAGES):
+        # the folder is then encoded at the train stages' length, and eval/mine search it with the model's own
+        raise ValueError("--reuse-embeddings encodes the corpus at the train stages' doc_max_length; run eval "
+                         "and mine in a rehearsal without it")
     data = cache / f"n{n}"
     t = time.perf_counter()
     meta = generate(data, n)
@@ -325,7 +331,8 @@ def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: boo
                   "collection": data / "collection.tsv"}
     plan = [
         ("read", [sys.executable, "-c", _READ_SCRIPT, data], [work / "negatron-cache"]),
-        ("encode", _encode_cmd(model, data / "collection.tsv", emb, threads, encode_ranks), [emb]),
+        ("encode", _encode_cmd(model, data / "collection.tsv", emb, threads, encode_ranks,
+                               DOC_MAX_LENGTH if reuse_embeddings else None), [emb]),
         ("index-exact", _cli("index", "build", "--embeddings", emb, "--output", ix_exact, "--factory", "SQfp16",
                              "--gpu", gpu_flag), [ix_exact]),
         ("index-flat", _cli("index", "build", "--embeddings", emb, "--output", work / "ix-flat", "--factory", "Flat",

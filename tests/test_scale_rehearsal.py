@@ -47,6 +47,18 @@ def test_growth_exponents():
     assert sr.nlist_for(100_000) == 1024 and sr.nlist_for(8_841_823) == 16384 and sr.nlist_for(3000) == 76
 
 
+def test_reused_embeddings_are_encoded_at_the_train_length_and_refused_for_eval(tmp_path):
+    """STAR/ADORE/ANCE accept the encode stage's folder only at their doc_max_length; eval and mine search
+    with the model's own length, so a reuse run refuses them up front (before generating any data)."""
+    encode = sr._encode_cmd(Path("m"), Path("c.tsv"), Path("emb"), 1, 1, sr.DOC_MAX_LENGTH)
+    assert encode[encode.index("--max-length") + 1] == str(sr.DOC_MAX_LENGTH)
+    assert "--max-length" not in sr._encode_cmd(Path("m"), Path("c.tsv"), Path("emb"), 1, 1)
+    assert sr._strategy_options(10, Path("emb"))["adore"]["index"] == {"embeddings": "emb"}
+    with pytest.raises(ValueError, match="reuse-embeddings"):
+        sr.rehearse(1000, tmp_path / "cache", tmp_path / "work", 10, 1, stages=["encode", "eval"], reuse_embeddings=True)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_small_rehearsal_stays_within_the_memory_bound(cache, tmp_path):
     stages = {"read", "encode", "index-exact", "index-ivf", "mine", "train-inbatch", "train-star", "train-adore",
               "train-ance", "eval", "serve"}
