@@ -180,10 +180,9 @@ def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, b
         old = json.loads(manifest_path.read_text())
         diff = [k for k in _PLAN_KEYS if old.get(k) != plan[k]]
         if diff:
+            fix = "choose a new --output folder, or pass --overwrite to replace it"
             if "checkpoint_hash" in diff and old.get("max_length") != plan["max_length"]:
                 diff.append("max_length")  # the fingerprint covers it; naming it says what to change
-            fix = "choose a new --output folder, or pass --overwrite to replace it"
-            if "max_length" in diff:
                 fix = (f"the folder was encoded at {old.get('max_length')} tokens, this model truncates at "
                        f"{plan['max_length']}: encode with `--max-length {plan['max_length']}` (or set the config's "
                        f"model.doc_max_length to {old.get('max_length')}); or " + fix)

@@ -112,7 +112,7 @@ def _stable_key(kind: str, value: str) -> int:
 
 def row_keys(examples: Sequence[TrainingExample], pairs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """What must not repeat within a batch under ``data.sampler: no_duplicates``, per training row, as CSR
-    lists ``(ptr, keys)``: the row's query text and its positive passage (per_pair: the pair's one positive;
+    arrays ``(ptr, keys)``: the row's query text and its positive passage (per_pair: the pair's one positive;
     per_query: every positive the row may draw). A passage is keyed by its document id, or its text where
     it has none. Computed once per run as int64 arrays (16 bytes a row per_pair); id-based tables are read
     without passage texts."""
