@@ -72,6 +72,10 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--ranks", type=int, default=os.cpu_count(), help="torchrun ranks for the CLI row (0 = skip it)")
+    ap.add_argument("--emulated-bf16-stride", type=int, default=0,
+                    help="on a CPU without native bf16, also time ST's encode under bf16 autocast (emulated, "
+                         "hundreds of times slower than fp32) on every N-th of the texts, beside ST fp32 on the same "
+                         "sample (0 = skip)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -127,6 +131,20 @@ def main() -> None:
     if args.ranks > 0:
         timed(f"`torchrun --nproc-per-node {args.ranks} negatron encode` ({args.ranks} ranks x 1 thread, "
               "launch to exit)", lambda: torchrun_encode(path, corpus, texts, args))
+    emulated = None
+    if not native and args.emulated_bf16_stride > 0:
+        sample = texts[::args.emulated_bf16_stride]
+        rates = {}
+        for name, context in (("fp32", torch.autocast("cpu", enabled=False)),
+                              ("bf16", torch.autocast("cpu", dtype=torch.bfloat16))):
+            t = time.perf_counter()
+            with context:
+                st.encode(sample, batch_size=args.st_batch_size, normalize_embeddings=True, convert_to_numpy=True)
+            rates[name] = len(sample) / (time.perf_counter() - t)
+        emulated = {"stride": args.emulated_bf16_stride, "docs": len(sample), "st_bf16_docs_per_s": rates["bf16"],
+                    "st_fp32_docs_per_s": rates["fp32"]}
+        print(f"sentence-transformers on every {args.emulated_bf16_stride}th doc ({len(sample)}): bf16 autocast "
+              f"(emulated) {rates['bf16']:.2f} docs/s, fp32 {rates['fp32']:.1f} docs/s", flush=True)
     # emulated bf16 is no limit (under 1 GFLOP/s on a Zen 3) and takes minutes to measure
     peak_bf16 = matmul_peak(torch.bfloat16) if native else None
     peak_fp32 = matmul_peak(torch.float32)
@@ -135,7 +153,8 @@ def main() -> None:
     out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
            f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {bf16_supported('cpu')}",
            "docs": len(texts), "mean_tokens": float(tokens.mean()), "gflop_per_doc": flops / len(texts) / 1e9,
-           "native_bf16": native, "peak_bf16_gflops": peak_bf16 / 1e9 if peak_bf16 else None, "peak_fp32_gflops": peak_fp32 / 1e9, "rows": []}
+           "native_bf16": native, "peak_bf16_gflops": peak_bf16 / 1e9 if peak_bf16 else None, "peak_fp32_gflops": peak_fp32 / 1e9, "rows": [],
+           "st_bf16_emulated": emulated}
     print(f"\n{out['machine']}; {len(texts)} docs, mean {tokens.mean():.0f} tokens, {flops / len(texts) / 1e9:.2f} GFLOP/doc; "
           f"matmul peak bf16 {f'{peak_bf16 / 1e9:.0f} GFLOP/s' if peak_bf16 else 'not native'}, fp32 {peak_fp32 / 1e9:.0f} GFLOP/s\n")
     print("| system | docs/s | vs ST fp32 | min cosine to ST fp32 | mean cosine | achieved GFLOP/s | % of bf16 matmul peak | % of fp32 matmul peak |")

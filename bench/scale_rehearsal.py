@@ -283,12 +283,14 @@ DOC_MAX_LENGTH = 128  # the train stages' model.doc_max_length
 
 
 def _encode_cmd(model: Path, corpus: Path, emb: Path, threads: int, ranks: int,
-                max_length: int | None = None) -> list[str]:
+                max_length: int | None = None, resume: bool = False) -> list[str]:
     """``negatron encode``, or with ``ranks`` > 1 the same command under torchrun (each rank its shards,
     ``threads // ranks`` threads each: two 1-thread ranks keep two cores busier than one 2-thread process).
-    ``max_length``: truncate as the train stages do, so that their strategies can reuse the folder."""
-    args = ["encode", "--model", model, "--corpus", corpus, "--output", emb, "--batch-size", 256, "--overwrite",
-            "--backend", "torch", *(["--max-length", max_length] if max_length else [])]
+    ``max_length``: truncate as the train stages do, so that their strategies can reuse the folder.
+    ``resume``: keep the shards an interrupted run of the same command finished (``negatron encode``'s resume)."""
+    args = ["encode", "--model", model, "--corpus", corpus, "--output", emb, "--batch-size", 256,
+            *([] if resume else ["--overwrite"]), "--backend", "torch",
+            *(["--max-length", max_length] if max_length else [])]
     if ranks <= 1:
         return _cli(*args)
     bin_dir = Path(sys.executable).parent
@@ -299,9 +301,10 @@ def _encode_cmd(model: Path, corpus: Path, emb: Path, threads: int, ranks: int,
 
 def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: bool = False,
              stages: Sequence[str] | None = None, timeout: float | None = None, encode_ranks: int = 1,
-             mine_limit: int | None = None, reuse_embeddings: bool = False) -> dict:
+             mine_limit: int | None = None, reuse_embeddings: bool = False, resume_encode: bool = False) -> dict:
     """Run ``stages`` (default :data:`DEFAULT_STAGES`, in plan order; a list given runs in its own order)
-    on ``n`` passages."""
+    on ``n`` passages. ``resume_encode``: the encode stage keeps the finished shards of an interrupted earlier
+    run in ``work`` (its row then says how many it found, and its wall time covers this run only)."""
     if reuse_embeddings and {"eval", "mine"} & set(stages or DEFAULT_STAGES):
         # the folder is then encoded at the train stages' length, and eval/mine search it with the model's own
         raise ValueError("--reuse-embeddings encodes the corpus at the train stages' doc_max_length; run eval "
@@ -332,7 +335,7 @@ def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: boo
     plan = [
         ("read", [sys.executable, "-c", _READ_SCRIPT, data], [work / "negatron-cache"]),
         ("encode", _encode_cmd(model, data / "collection.tsv", emb, threads, encode_ranks,
-                               DOC_MAX_LENGTH if reuse_embeddings else None), [emb]),
+                               DOC_MAX_LENGTH if reuse_embeddings else None, resume_encode), [emb]),
         ("index-exact", _cli("index", "build", "--embeddings", emb, "--output", ix_exact, "--factory", "SQfp16",
                              "--gpu", gpu_flag), [ix_exact]),
         ("index-flat", _cli("index", "build", "--embeddings", emb, "--output", work / "ix-flat", "--factory", "Flat",
@@ -357,11 +360,16 @@ def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: boo
     ordered = [step for step in plan if step[0] in want] if stages is None or isinstance(stages, set) \
         else [by_name[name] for name in stages if name in by_name]
     for name, cmd, outputs in ordered:
+        resumed = None
+        if name == "encode" and resume_encode:
+            resumed = len(list(emb.glob("shard-*.npy"))) if emb.is_dir() else 0
         for out in outputs:
-            if out.is_dir() and name != "read":
+            if out.is_dir() and name != "read" and resumed is None:
                 shutil.rmtree(out)
         row = run_stage(name, cmd, outputs, env, work / f"{name}.log", timeout=timeout)
         row["passages"] = n
+        if resumed is not None:
+            row["resumed_shards"] = resumed
         if name == "mine":
             row["queries"] = sum(1 for _ in open(mine_queries, encoding="utf-8"))
         rows.append(row)
@@ -561,10 +569,14 @@ def main(argv=None) -> int:
     ap.add_argument("--encode-ranks", type=int, default=1, help="run the encode stage under torchrun with this many ranks")
     ap.add_argument("--gpu", action="store_true", help="let stages see the GPU (faiss GPU builds, CUDA encode)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--resume-encode", action="store_true",
+                    help="keep the shards an interrupted encode stage finished in --work and encode only the rest")
     ap.add_argument("--reuse-embeddings", action="store_true",
                     help="STAR/ADORE/ANCE build their first index from the encode stage's folder "
                          "(negatives.options.index.embeddings) instead of encoding the corpus again")
     args = ap.parse_args(argv)
+    if args.resume_encode and args.work is None:
+        ap.error("--resume-encode needs --work: the folder of the interrupted run")
     cache = args.cache or default_cache_dir() / "scale-rehearsal"
     cache.mkdir(parents=True, exist_ok=True)
     work_root = args.work or Path(tempfile.mkdtemp(prefix="negatron-rehearsal-"))
@@ -573,7 +585,7 @@ def main(argv=None) -> int:
         for n in args.sizes:
             results.append(rehearse(n, cache, work_root / f"n{n}", args.steps, args.threads, args.gpu,
                                     args.stages, encode_ranks=args.encode_ranks, mine_limit=args.mine_queries,
-                                    reuse_embeddings=args.reuse_embeddings))
+                                    reuse_embeddings=args.reuse_embeddings, resume_encode=args.resume_encode))
     finally:
         if args.work is None:
             shutil.rmtree(work_root, ignore_errors=True)

@@ -136,3 +136,16 @@ def test_encode_table_reads_nativeness_from_the_field_not_the_machine_string():
     assert bf16_cell({"machine": "x86_64", "native_bf16": True, "rows": [row]}) == "50 %"
     assert bf16_cell({"machine": "x86_64, native bf16 False", "rows": [row]}) == "– (not native)"
     assert bf16_cell({"machine": "x86_64, native bf16 True", "rows": [row]}) == "50 %"
+
+
+def test_encode_table_scales_the_emulated_bf16_sample_by_the_peer_fp32_rate():
+    """ST's emulated bf16 is timed on a sample only: its row is that rate scaled by ST fp32's whole-corpus rate
+    over ST fp32's rate on the same sample, so the sample's document lengths do not bias the ratio."""
+    st = {"system": "st fp32", "docs_per_s": 14.0, "speedup": 1.0, "min_cos": 1.0, "mean_cos": 1.0,
+          "gflops": 80.0, "frac_bf16_peak": None, "frac_fp32_peak": 0.6}
+    result = {"machine": "x86_64", "native_bf16": False, "rows": [st],
+              "st_bf16_emulated": {"stride": 648, "docs": 8, "st_bf16_docs_per_s": 0.05, "st_fp32_docs_per_s": 10.0}}
+    rows = rb.encode_rows(result)
+    assert len(rows) == 2 and "every 648th doc (8)" in rows[1][0]
+    assert rows[1][1] == "0.07" and rows[1][2] == "0.005×"  # 0.05 x 14 / 10 = 0.07 docs/s
+    assert len(rb.encode_rows(dict(result, st_bf16_emulated=None))) == 1

@@ -76,3 +76,19 @@ def test_small_rehearsal_stays_within_the_memory_bound(cache, tmp_path):
     assert serve["failed"] == 0 and serve["final_version"] >= 2 and serve["answered"] > 0
     for name in ("star", "adore", "ance"):  # each index-backed strategy trained its steps
         assert (tmp_path / "work" / f"run-{name}" / "final").is_dir(), name
+
+
+def test_resumed_encode_keeps_the_finished_shards(cache, tmp_path):
+    """An 8.8M encode outlives a session: ``--resume-encode`` keeps the shards an earlier run finished instead
+    of deleting the folder and encoding everything again."""
+    assert "--overwrite" in sr._encode_cmd(Path("m"), Path("c.tsv"), Path("emb"), 1, 1)
+    assert "--overwrite" not in sr._encode_cmd(Path("m"), Path("c.tsv"), Path("emb"), 1, 1, resume=True)
+    work = tmp_path / "work"
+    first = sr.rehearse(3000, cache, work, 10, 1, stages=["encode"], timeout=300)
+    assert "resumed_shards" not in first["rows"][0]
+    shards = sorted((work / "emb").glob("shard-*.npy"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    shards[-1].unlink()  # as if the run had been killed before its last shard
+    again = sr.rehearse(3000, cache, work, 10, 1, stages=["encode"], timeout=300, resume_encode=True)
+    assert again["rows"][0]["resumed_shards"] == len(shards) - 1
+    assert [p.stat().st_mtime_ns for p in shards[:-1]] == stamps[:-1] and shards[-1].is_file()
