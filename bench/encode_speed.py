@@ -37,12 +37,17 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
+def linear_flops(config, tokens) -> float:
+    """FLOPs of the encoder's linear layers (Q, K, V, output, both FFN matrices) over ``tokens`` token positions:
+    2 x their parameters per token."""
+    d, ffn = config.hidden_size, config.intermediate_size
+    return 2.0 * tokens * config.num_hidden_layers * (4 * d * d + 2 * d * ffn)
+
+
 def encoder_flops(config, token_counts: np.ndarray) -> float:
-    """Useful FLOPs: 2 x (non-embedding params) per token + attention scores and mixing (4 x seq x d per token per layer)."""
-    d, layers, ffn = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    per_token_params = layers * (4 * d * d + 2 * d * ffn)
+    """Useful FLOPs: the linear layers + attention scores and mixing (4 x seq x d per token per layer)."""
     seq = token_counts.astype(np.float64)
-    return float(np.sum(seq * (2 * per_token_params + 4 * layers * seq * d)))
+    return float(linear_flops(config, seq.sum()) + np.sum(4 * config.num_hidden_layers * seq * seq * config.hidden_size))
 
 
 def torchrun_encode(model_path: str, corpus, texts: list[str], args) -> np.ndarray:
@@ -73,8 +78,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--ranks", type=int, default=os.cpu_count(), help="torchrun ranks for the CLI row (0 = skip it)")
     ap.add_argument("--emulated-bf16-stride", type=int, default=0,
-                    help="on a CPU without native bf16, also time ST's encode under bf16 autocast (emulated, "
-                         "hundreds of times slower than fp32) on every N-th of the texts, beside ST fp32 on the same "
+                    help="on a CPU without native bf16, also time ST's encode under bf16 autocast (emulated: 5.5x "
+                         "slower than fp32 on a Zen 3) on every N-th of the texts, beside ST fp32 on the same "
                          "sample (0 = skip)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()

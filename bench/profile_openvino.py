@@ -25,12 +25,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def linear_flops(config, tokens: int) -> float:
-    """FLOPs of the encoder's linear layers (Q, K, V, output, both FFN matrices) over ``tokens`` token positions."""
-    d, ffn = config.hidden_size, config.intermediate_size
-    return 2.0 * tokens * config.num_hidden_layers * (4 * d * d + 2 * d * ffn)
-
-
 def print_table(title: str, seconds_by_kernel: collections.Counter, gemm_keys: set, gemm_flops: float,
                 limit: float, top: int) -> dict:
     total = sum(seconds_by_kernel.values())
@@ -50,7 +44,7 @@ def print_table(title: str, seconds_by_kernel: collections.Counter, gemm_keys: s
 def main() -> None:
     import openvino as ov
 
-    from encode_speed import matmul_peak
+    from encode_speed import linear_flops, matmul_peak
     from retriever.modeling import BiEncoder, bf16_supported
     from retriever.resolve import resolve_model
 
@@ -108,9 +102,10 @@ def main() -> None:
         st = SentenceTransformer(str(path), device="cpu")
         st.max_seq_length = model.doc_max_length
         st.encode(texts[:8], batch_size=32)  # warm-up
-        # what ST's encode feeds the model: its own length-sorted batches of 32, padded per batch
-        lengths = sorted((len(x) for x in st.tokenizer(texts, truncation=True, max_length=st.max_seq_length)["input_ids"]),
-                         reverse=True)
+        # what ST's encode feeds the model: batches of 32 in its own sort order (by `_input_length`, a character
+        # count, not tokens), each padded to its longest
+        tokens = [len(x) for x in st.tokenizer(texts, truncation=True, max_length=st.max_seq_length)["input_ids"]]
+        lengths = [tokens[i] for i in np.argsort([-st._input_length(t) for t in texts], kind="stable")]
         peer_tokens = sum(max(lengths[i:i + 32]) * len(lengths[i:i + 32]) for i in range(0, len(lengths), 32))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             st.encode(texts, batch_size=32, normalize_embeddings=True)
