@@ -301,10 +301,13 @@ def _encode_cmd(model: Path, corpus: Path, emb: Path, threads: int, ranks: int,
 
 def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: bool = False,
              stages: Sequence[str] | None = None, timeout: float | None = None, encode_ranks: int = 1,
-             mine_limit: int | None = None, reuse_embeddings: bool = False, resume_encode: bool = False) -> dict:
+             mine_limit: int | None = None, reuse_embeddings: bool = False, resume_encode: bool = False,
+             resume_mining: bool = False) -> dict:
     """Run ``stages`` (default :data:`DEFAULT_STAGES`, in plan order; a list given runs in its own order)
     on ``n`` passages. ``resume_encode``: the encode stage keeps the finished shards of an interrupted earlier
-    run in ``work`` (its row then says how many it found, and its wall time covers this run only)."""
+    run in ``work`` (its row then says how many it found, and its wall time covers this run only).
+    ``resume_mining``: the train-star stage keeps the rows STAR's up-front mining wrote before an interruption
+    and its warm-up index (``resumed_queries`` in the row; its checkpoints and logs are cleared)."""
     if reuse_embeddings and {"eval", "mine"} & set(stages or DEFAULT_STAGES):
         # the folder is then encoded at the train stages' length, and eval/mine search it with the model's own
         raise ValueError("--reuse-embeddings encodes the corpus at the train stages' doc_max_length; run eval "
@@ -363,13 +366,15 @@ def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: boo
         resumed = None
         if name == "encode" and resume_encode:
             resumed = len(list(emb.glob("shard-*.npy"))) if emb.is_dir() else 0
+        if name == "train-star" and resume_mining:
+            resumed = keep_star_mining(work / "run-star")
         for out in outputs:
             if out.is_dir() and name != "read" and resumed is None:
                 shutil.rmtree(out)
         row = run_stage(name, cmd, outputs, env, work / f"{name}.log", timeout=timeout)
         row["passages"] = n
         if resumed is not None:
-            row["resumed_shards"] = resumed
+            row["resumed_queries" if name == "train-star" else "resumed_shards"] = resumed
         if name == "mine":
             row["queries"] = sum(1 for _ in open(mine_queries, encoding="utf-8"))
         rows.append(row)
@@ -390,6 +395,24 @@ def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: boo
         row["within_bound"] = row["peak_rss_mib"] <= row["bound_mib"]
     return {"passages": n, "data": meta, "generate_s": round(gen_s, 1), "model_mib": round(model_mib, 2),
             "emb_fp16_mib": round(emb_fp16_mib, 2), "nlist": nlist, "rows": rows}
+
+
+def keep_star_mining(run: Path) -> int:
+    """Clear an interrupted train-star run folder except what STAR's up-front mining finished (its partial
+    pool file and the warm-up index); returns the complete rows kept."""
+    from retriever.negatives.star import POOL_FILE
+
+    keep = {POOL_FILE + ".partial", POOL_FILE + ".partial.json", "star-warmup-index"}
+    if not run.is_dir():
+        return 0
+    for entry in run.iterdir():
+        if entry.name not in keep:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    partial = run / (POOL_FILE + ".partial")
+    if not partial.exists():
+        return 0
+    with open(partial, "rb") as fh:
+        return sum(1 for line in fh if line.endswith(b"\n"))
 
 
 def memory_bound(emb_fp16_mib: float, model_mib: float, roles: int = 1) -> float:
@@ -571,12 +594,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--resume-encode", action="store_true",
                     help="keep the shards an interrupted encode stage finished in --work and encode only the rest")
+    ap.add_argument("--resume-mining", action="store_true",
+                    help="train-star keeps the rows its up-front mining wrote before an interruption in --work "
+                         "(and its warm-up index) and mines only the rest")
     ap.add_argument("--reuse-embeddings", action="store_true",
                     help="STAR/ADORE/ANCE build their first index from the encode stage's folder "
                          "(negatives.options.index.embeddings) instead of encoding the corpus again")
     args = ap.parse_args(argv)
-    if args.resume_encode and args.work is None:
-        ap.error("--resume-encode needs --work: the folder of the interrupted run")
+    for flag in ("resume_encode", "resume_mining"):
+        if getattr(args, flag) and args.work is None:
+            ap.error(f"--{flag.replace('_', '-')} needs --work: the folder of the interrupted run")
     cache = args.cache or default_cache_dir() / "scale-rehearsal"
     cache.mkdir(parents=True, exist_ok=True)
     work_root = args.work or Path(tempfile.mkdtemp(prefix="negatron-rehearsal-"))
@@ -585,7 +612,8 @@ def main(argv=None) -> int:
         for n in args.sizes:
             results.append(rehearse(n, cache, work_root / f"n{n}", args.steps, args.threads, args.gpu,
                                     args.stages, encode_ranks=args.encode_ranks, mine_limit=args.mine_queries,
-                                    reuse_embeddings=args.reuse_embeddings, resume_encode=args.resume_encode))
+                                    reuse_embeddings=args.reuse_embeddings, resume_encode=args.resume_encode,
+                                    resume_mining=args.resume_mining))
     finally:
         if args.work is None:
             shutil.rmtree(work_root, ignore_errors=True)

@@ -115,16 +115,64 @@ def mine_command(
                 scorer_obj = load_scorer(scorer, scorer_kind, device=device)
             except (OSError, ValueError) as exc:
                 _fail(f"cannot load --scorer {scorer}: {exc}")
+        import numpy as np
+
+        from retriever.resumable_jsonl import ResumableJsonl
+
         stats = MiningStats(num_negatives=num_negatives)
+        rng = np.random.default_rng(seed)
+        done = [0]  # queries consumed, kept rows' included
+        fingerprint = _mining_fingerprint(training, docs, index or bm25, model, config, scorer, scorer_kind,
+                                          backend, fp32, batch_size, device)
+        out = ResumableJsonl(output, fingerprint, state=lambda: {
+            "queries_done": done[0], "stats": stats.state(), "rng": rng.bit_generator.state})
+        kept = sum(1 for _ in out.kept_rows())
+        if out.resumed_state:  # a killed run of the same job: continue after its last saved query
+            done[0] = int(out.resumed_state["queries_done"])
+            stats = MiningStats.from_state(out.resumed_state["stats"])
+            rng.bit_generator.state = out.resumed_state["rng"]
+            console.print(f"continuing the interrupted run: {kept:,} rows for the first {done[0]:,} of "
+                          f"{len(training):,} queries are kept in {out.partial} (delete it to start anew)")
+        out.open()
         stats.settings = {**config.__dict__, "retriever": retriever.name, "queries": str(queries), "index": str(index or bm25),
-                          "model": model, "scorer": scorer, "scorer_type": scorer_kind if scorer else None}
+                          "model": model, "scorer": scorer, "scorer_type": scorer_kind if scorer else None,
+                          "resumed_after_queries": done[0] or None}
         stats.seconds.update(timings)
-        mined = mine(training, docs, retriever, config, scorer=scorer_obj, stats=stats, show_progress=True)
-        out_path, stats_path = write_training_jsonl(output, mined, docs, stats)
+
+        def counted(rows):
+            for row in rows:
+                done[0] += 1
+                yield row
+
+        mined = counted(mine(training[done[0]:], docs, retriever, config, scorer=scorer_obj, stats=stats,
+                             show_progress=True, rng=rng))
+        out_path, stats_path = write_training_jsonl(output, mined, docs, stats, resumable=out)
         stats.seconds["total"] = time.perf_counter() - t_start
         stats.write(stats_path)
         console.print(stats.table())
         console.print(f"wrote {stats.settings['rows_written']:,} rows to {out_path} (stats: {stats_path})")
+
+
+def _mining_fingerprint(training, docs, index: Path, model, config, scorer, scorer_kind, backend, fp32,
+                        batch_size, device) -> dict:
+    """What a mined file's rows depend on: a killed run's rows are kept only when all of it is unchanged."""
+    import dataclasses
+
+    from retriever.resumable_jsonl import fingerprint_texts
+
+    def files(path: Path) -> list:
+        path = Path(path)
+        found = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in found]
+
+    return {
+        "queries": [len(training), fingerprint_texts(lambda: (
+            f"{q.query_id}\t{q.text}\t{'|'.join(q.positive_ids)}\t{'|'.join(q.positive_texts or ())}"
+            for q in training))],
+        "corpus": files(docs.path), "index": files(index), "model": model,
+        "mining": dataclasses.asdict(config), "scorer": [scorer, scorer_kind if scorer else None],
+        "encoding": [backend, fp32, batch_size, str(device)],
+    }
 
 
 def _dense_retriever(index: Path, model: str, docs, training, device, batch_size, bf16, console, timings):

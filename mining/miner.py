@@ -395,14 +395,19 @@ def encode_texts(model, texts, kind, batch_size, bf16):
 
 
 def mine(queries: Sequence[TrainingQuery], corpus: Corpus, retriever: Retriever, config: MiningConfig,
-         scorer=None, stats: MiningStats | None = None, show_progress: bool = False) -> Iterator[MinedQuery]:
-    """Yield one :class:`MinedQuery` per training query, a ``config.query_batch_size`` chunk at a time."""
+         scorer=None, stats: MiningStats | None = None, show_progress: bool = False,
+         rng: np.random.Generator | None = None) -> Iterator[MinedQuery]:
+    """Yield one :class:`MinedQuery` per training query, a ``config.query_batch_size`` chunk at a time.
+
+    ``rng``: the sampler's generator (default: seeded with ``config.seed``); a resumed job passes it at the
+    state it had after its last kept query, so ``--sampling random`` draws as an uninterrupted run does.
+    When a row is yielded, ``rng`` and ``stats`` already include its query."""
     config.validate()
     if config.scorer_threshold is not None and scorer is None:
         raise ValueError("scorer_threshold needs a scorer")
     stats = stats if stats is not None else MiningStats(num_negatives=config.num_negatives)
     stats.num_negatives = config.num_negatives
-    rng = np.random.default_rng(config.seed)
+    rng = rng if rng is not None else np.random.default_rng(config.seed)
     timing = stats.seconds
     starts = range(0, len(queries), config.query_batch_size)
     if show_progress:
@@ -492,16 +497,31 @@ def _select(q: TrainingQuery, ids: list[str], scores: np.ndarray, q_pos: list[fl
 
 
 def write_training_jsonl(path: str | os.PathLike, mined: Iterator[MinedQuery], corpus: Corpus,
-                         stats: MiningStats, skip_empty: bool = True) -> tuple[Path, Path]:
-    """Stream mined rows into ``path`` atomically; write ``<path>.stats.json`` beside it."""
+                         stats: MiningStats, skip_empty: bool = True, resumable=None) -> tuple[Path, Path]:
+    """Stream mined rows into ``path`` atomically; write ``<path>.stats.json`` beside it.
+
+    ``resumable``: a :class:`retriever.resumable_jsonl.ResumableJsonl` for ``path`` (opened, its kept rows
+    counted): rows are appended to its partial file, which takes ``path``'s name when ``mined`` is exhausted."""
     path = Path(path)
     written = 0
-    with atomic_write(path, "w") as fh:
-        for m in mined:
-            if skip_empty and not m.negative_ids:
-                continue
-            fh.write(json.dumps(m.to_row(corpus), ensure_ascii=False) + "\n")
-            written += 1
+    if resumable is not None:
+        try:
+            for m in mined:
+                if skip_empty and not m.negative_ids:
+                    continue
+                resumable.write(m.to_row(corpus))
+        except BaseException:
+            resumable.close()  # the rows so far stay for the next run
+            raise
+        resumable.finish()
+        written = resumable.rows
+    else:
+        with atomic_write(path, "w") as fh:
+            for m in mined:
+                if skip_empty and not m.negative_ids:
+                    continue
+                fh.write(json.dumps(m.to_row(corpus), ensure_ascii=False) + "\n")
+                written += 1
     stats.settings["rows_written"] = written
     stats_path = stats.write(stats_path_for(path))
     return path, stats_path

@@ -165,3 +165,50 @@ def test_mine_refuses_an_unknown_backend(beir, tiny_model_dir, tmp_path):
               tmp_path / "a.jsonl", "--backend", "onnx")
     assert r.exit_code == 2 and "unknown encode backend 'onnx'" in r.output
     assert not (tmp_path / "idx").exists()  # refused before any work
+
+
+def test_mine_killed_midway_continues_where_it_stopped(beir, tiny_model_dir, tmp_path, monkeypatch):
+    """A mining job killed after some rows keeps them: the re-run mines only the other queries and writes the
+    same file and statistics as an uninterrupted run, random sampling included; other settings start anew."""
+    import mining.miner as miner
+    from retriever.resumable_jsonl import ResumableJsonl
+
+    common = ["--queries", beir, "--index", tmp_path / "idx", "--model", tiny_model_dir, "--k", 40, "--range-min", 2,
+              "--range-max", 30, "--num-negatives", 3, "--sampling", "random", "--seed", 7,
+              "--query-batch-size", 2, "--backend", "torch"]
+    whole = _mine(*common, "--output", tmp_path / "whole.jsonl")
+    assert whole.exit_code == 0, whole.output
+
+    monkeypatch.setattr(ResumableJsonl, "SYNC_EVERY_S", 0.0)  # a state after every row
+    real_mine, asked = miner.mine, []
+
+    def killed_after(n):
+        def mine(queries, *args, **kwargs):
+            asked.append(len(queries))
+            for i, row in enumerate(real_mine(queries, *args, **kwargs)):
+                if i == n:
+                    raise RuntimeError("killed")
+                yield row
+        return mine
+
+    out = tmp_path / "job.jsonl"
+    monkeypatch.setattr(miner, "mine", killed_after(4))
+    assert _mine(*common, "--output", out).exit_code != 0
+    partial = tmp_path / "job.jsonl.partial"
+    assert not out.exists() and len(partial.read_text().splitlines()) == 4
+    monkeypatch.setattr(miner, "mine", killed_after(10**9))
+    again = _mine(*common, "--output", out)
+    assert again.exit_code == 0, again.output
+    assert "continuing the interrupted run" in again.output and asked[-1] == 10 - 4
+    assert out.read_text() == (tmp_path / "whole.jsonl").read_text() and not partial.exists()
+    a, b = (json.loads((tmp_path / f"{n}.stats.json").read_text()) for n in ("whole", "job"))
+    for key in ("queries", "candidates", "negatives", "dropped", "short_queries", "rank_histogram"):
+        assert a[key] == b[key], key
+    assert b["settings"]["resumed_after_queries"] == 4
+
+    # another seed is another job: its partial rows are not reused
+    monkeypatch.setattr(miner, "mine", killed_after(4))
+    assert _mine(*common, "--output", tmp_path / "other.jsonl").exit_code != 0
+    monkeypatch.setattr(miner, "mine", killed_after(10**9))
+    other = [*common[:-6], "--seed", 8, *common[-4:]]
+    assert _mine(*other, "--output", tmp_path / "other.jsonl").exit_code == 0 and asked[-1] == 10

@@ -92,3 +92,18 @@ def test_resumed_encode_keeps_the_finished_shards(cache, tmp_path):
     again = sr.rehearse(3000, cache, work, 10, 1, stages=["encode"], timeout=300, resume_encode=True)
     assert again["rows"][0]["resumed_shards"] == len(shards) - 1
     assert [p.stat().st_mtime_ns for p in shards[:-1]] == stamps[:-1] and shards[-1].is_file()
+
+
+def test_resumed_mining_keeps_the_partial_pool_and_warmup_index(tmp_path):
+    """``--resume-mining`` clears an interrupted train-star folder but for what STAR's up-front mining
+    finished, and counts its complete rows (a torn last line is not one)."""
+    run = tmp_path / "run-star"
+    (run / "checkpoint-100").mkdir(parents=True)
+    (run / "star-warmup-index" / "index").mkdir(parents=True)
+    (run / "train_log.jsonl").write_text("{}\n")
+    (run / "star-hard-negatives.jsonl.partial").write_text('{"query": "a", "neg_ids": ["1"]}\n' * 3 + '{"que')
+    (run / "star-hard-negatives.jsonl.partial.json").write_text("{}\n")
+    assert sr.keep_star_mining(run) == 3
+    assert sorted(p.name for p in run.iterdir()) == [
+        "star-hard-negatives.jsonl.partial", "star-hard-negatives.jsonl.partial.json", "star-warmup-index"]
+    assert sr.keep_star_mining(tmp_path / "absent") == 0

@@ -205,3 +205,74 @@ def test_star_keeps_hard_negatives_as_int_rows_and_reads_texts_at_collate(mini, 
     # an example that carries its own negatives uses them as they are
     own = TrainingExample(query="a query of its own", positives=["p"], negatives=["n1", "n2"])
     assert strategy.negatives_for(own, np.random.default_rng(0))[0] in {"n1", "n2"}
+
+
+def test_star_mining_killed_midway_keeps_its_rows_and_mines_only_the_rest(mini, tmp_path, monkeypatch):
+    """A run killed while mining up front leaves its rows in ``star-hard-negatives.jsonl.partial``; the next
+    run of the folder keeps them (a torn last line cut off), searches the same warm-up index, mines only the
+    other queries, and ends with the pool and file of an uninterrupted run. Other options start anew."""
+    import mining.miner as miner
+    from index.faiss_index import DenseIndex
+    from retriever.modeling import BiEncoder
+    from retriever.negatives.star import POOL_FILE
+
+    folder, model = mini
+    ds = load_beir(folder, "train")
+    examples = training_examples_from_qrels(ds.queries, ds.qrels, ds.corpus)
+    options = {"range_min": 0, "range_max": 30, "mine_pool": 10}
+    warmup = BiEncoder.from_pretrained(model)
+
+    def star(work):
+        strategy = STARNegatives(options)
+        strategy.corpus = ds.corpus
+        strategy.setup(examples, warmup, work)
+        return strategy
+
+    whole = star(tmp_path / "whole")
+    expected = (tmp_path / "whole" / POOL_FILE).read_text()
+
+    real_mine, mined_queries, builds = miner.mine, [], []
+    real_build = DenseIndex.build.__func__
+
+    def counting_build(cls, *args, **kwargs):
+        builds.append(1)
+        return real_build(cls, *args, **kwargs)
+
+    def killed_after(n):
+        def mine(queries, *args, **kwargs):
+            for i, row in enumerate(real_mine(queries, *args, **kwargs)):
+                if i == n:
+                    raise KeyboardInterrupt  # as a kill would, between two rows
+                mined_queries.append(row.query.text)
+                yield row
+        return mine
+
+    monkeypatch.setattr(DenseIndex, "build", classmethod(counting_build))
+    monkeypatch.setattr(miner, "mine", killed_after(7))
+    work = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        star(work)
+    partial = work / (POOL_FILE + ".partial")
+    assert not (work / POOL_FILE).exists() and len(partial.read_text().splitlines()) == 7 and builds == [1]
+    with open(partial, "a", encoding="utf-8") as fh:
+        fh.write('{"query": "torn by the ki')  # the kill landed mid-line
+
+    mined_queries.clear()
+    monkeypatch.setattr(miner, "mine", killed_after(10**9))
+    resumed = star(work)
+    assert builds == [1], "the warm-up index was rebuilt instead of reused"
+    assert len(mined_queries) == len({ex.query for ex in examples}) - 7
+    assert resumed.mined_up_front == whole.mined_up_front
+    assert (work / POOL_FILE).read_text() == expected and not partial.exists()
+    for ex in examples:
+        assert resumed.hard_texts(ex.query) == whole.hard_texts(ex.query)
+
+    # a partial file of other options is not mixed in: the job starts anew
+    monkeypatch.setattr(miner, "mine", killed_after(3))
+    with pytest.raises(KeyboardInterrupt):
+        star(tmp_path / "changed")
+    options["mine_pool"] = 12
+    mined_queries.clear()
+    monkeypatch.setattr(miner, "mine", killed_after(10**9))
+    star(tmp_path / "changed")
+    assert len(mined_queries) == len({ex.query for ex in examples})

@@ -12,6 +12,7 @@ Index settings are the ones ``negatron index build`` takes: ``factory`` (``Flat`
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from array import array
@@ -164,14 +165,17 @@ def training_queries(examples: Sequence[TrainingExample], indices: Sequence[int]
 
 
 def build_index(model, corpus: Corpus, folder: Path, batch_size: int | None = None, bf16: bool | None = None,
-                distributed: bool = True, options: IndexOptions | dict | None = None, reuse_embeddings: bool = True):
+                distributed: bool = True, options: IndexOptions | dict | None = None, reuse_embeddings: bool = True,
+                reuse_index: bool = False):
     """Encode ``corpus`` with ``model``'s document tower and build an inner-product FAISS index with the
     settings of ``options`` (:class:`IndexOptions`; default: ``factory: auto``).
 
     Returns ``(DenseIndex, EmbeddingStore)``; files go to ``folder/embeddings`` (or ``options.embeddings``,
     when ``reuse_embeddings``: a complete folder of the same model and corpus is not re-encoded, encoding's
     own resume check refuses any other) and ``folder/index``. ``distributed=False`` encodes on this process
-    alone (a caller that runs only on the main process).
+    alone (a caller that runs only on the main process). ``reuse_index``: load ``folder/index`` instead of
+    building it when it was built from these embeddings with these settings (a job resumed after a kill keeps
+    searching the index its first part searched; IVF training is not bit-reproducible across thread counts).
     """
     from index.encode import encode_corpus
     from index.faiss_index import DenseIndex
@@ -183,10 +187,41 @@ def build_index(model, corpus: Corpus, folder: Path, batch_size: int | None = No
     store = encode_corpus(model, corpus, embeddings, batch_size=batch_size, bf16=bf16, show_progress=False,
                           distributed=distributed)
     factory = resolve_factory(options, store.count, store.dim)
+    if reuse_index:
+        kept = _matching_index(folder / "index", store, factory, options)
+        if kept is not None:
+            return kept, store
     dense = DenseIndex.build(store, folder / "index", factory=factory, metric="ip", train_sample=options.train_sample,
                              use_gpu=options.use_gpu, nprobe=options.nprobe, ef_search=options.ef_search,
                              distributed=distributed)
     return dense, store
+
+
+def _matching_index(folder: Path, store, factory: str, options: IndexOptions):
+    """The saved index in ``folder`` if it holds ``store``'s vectors built with ``factory`` (else None)."""
+    from index.faiss_index import CorruptIndexError, DenseIndex
+
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        saved = json.loads(manifest.read_text())
+    except ValueError:
+        return None
+    same = (saved.get("checkpoint_hash") == store.manifest.get("checkpoint_hash") and saved.get("count") == store.count
+            and saved.get("requested_factory") == factory and saved.get("metric") == "ip"
+            and saved.get("embeddings") == str(Path(store.folder).resolve()))
+    if not same:
+        logger.info("index: %s was built from other embeddings or settings; rebuilding", folder)
+        return None
+    try:
+        dense = DenseIndex.load(folder, expect_dim=store.dim, use_gpu=options.use_gpu)
+    except CorruptIndexError as exc:
+        logger.info("index: %s cannot be reused (%s); rebuilding", folder, exc)
+        return None
+    dense.set_search_params(nprobe=options.nprobe, ef_search=options.ef_search)
+    logger.info("index: reusing %s (built from the same embeddings with %s)", folder, factory)
+    return dense
 
 
 # ---------------------------------------------------------------------------------------------- compact maps

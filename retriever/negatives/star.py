@@ -15,7 +15,9 @@ text, and the collator masks every copy of a query's positives in the batch.
 
 The mined pool is static by definition (mined once, by the starting model), so it is written by id to
 ``<run>/star-hard-negatives.jsonl`` (atomically) and read back by a resumed run (a fresh run mines anew): re-mining there would use the
-resumed weights and change the negatives.
+resumed weights and change the negatives. Mining itself survives a kill: rows are appended to
+``star-hard-negatives.jsonl.partial`` as they come, and a re-run of the folder with the same warm-up weights,
+corpus, options and queries keeps them and mines only the rest.
 
 ``loss: pairwise`` trains with DRhard's pairwise loss over (s⁺, s⁻) pairs
 (:class:`retriever.losses.pairwise.PairwiseLoss`); the default ``infonce`` is negatron's listwise
@@ -170,32 +172,69 @@ class STARNegatives(NegativeStrategy):
 
     def _mine(self, examples, indices: list[int], model, folder: Path, device, pool_file: Path | None,
               pool: KeyedRows) -> None:
-        import contextlib
-
+        """Mine ``examples[indices]`` into ``pool``, streaming it by id to ``pool_file``. A run killed while
+        mining (hours for 503k MS MARCO queries on a CPU) leaves ``<pool>.partial``; the next run of the same
+        folder with the same warm-up weights, corpus, options and queries keeps those rows, reuses the warm-up
+        index, and mines only the rest (:class:`retriever.resumable_jsonl.ResumableJsonl`)."""
+        from index.encode import model_fingerprint
         from mining.miner import DenseRetriever, MiningConfig, mine
 
-        from retriever.io import atomic_write
         from retriever.modeling import BiEncoder
+        from retriever.resumable_jsonl import ResumableJsonl, fingerprint_texts
 
         warmup = model
         if self.options.warmup_model:  # on the training device: encoding the corpus is the costly part
             warmup = BiEncoder.from_pretrained(self.options.warmup_model)
             if device is not None:
                 warmup.to(device)
-        logger.info("STAR: mining hard negatives for %d queries with the warm-up model", len(indices))
-        dense, _ = build_index(warmup, self.corpus, folder, options=self.options.index)
         window = self.options.range_max - self.options.range_min
         config = MiningConfig(k=self.options.range_max, range_min=self.options.range_min,
                               range_max=self.options.range_max, num_negatives=self.options.mine_pool or window,
                               sampling="top")
-        write = pool_file is not None and os.environ.get("RANK", "0") == "0"
-        with (atomic_write(pool_file, "w") if write else contextlib.nullcontext()) as fh:  # streamed, by id
+        out = None
+        if pool_file is not None:
+            stat = Path(self.corpus.path).stat()
+            out = ResumableJsonl(pool_file, {
+                "warmup_document": model_fingerprint(warmup, "document"),
+                "warmup_query": model_fingerprint(warmup, "query"),
+                "corpus": [str(Path(self.corpus.path).resolve()), stat.st_size, stat.st_mtime_ns, len(self.corpus)],
+                "mining": {"range_min": self.options.range_min, "range_max": self.options.range_max,
+                           "mine_pool": self.options.mine_pool, "index": self.options.index.model_dump(mode="json")},
+                "queries": [len(indices), fingerprint_texts(lambda: (examples[i].query for i in indices))],
+            }, writer=os.environ.get("RANK", "0") == "0")
+            done = set()
+            for row in out.kept_rows():
+                key = text_key(row["query"])
+                pool.add(key, self.corpus.rows(row["neg_ids"]))
+                done.add(key)
+            if done:
+                logger.info("STAR: %d of %d queries were mined by the interrupted run in %s; mining the rest",
+                            len(done), len(indices), out.partial)
+                indices = [i for i in indices if text_key(examples[i].query) not in done]
+            self.mined_up_front += len(done)
+        logger.info("STAR: mining hard negatives for %d queries with the warm-up model", len(indices))
+        if not indices:  # killed after the last row, before the rename
+            if out is not None:
+                _all_ranks_read()  # the other ranks read the partial file before it is renamed
+                out.open().finish()
+            return
+        dense, _ = build_index(warmup, self.corpus, folder, options=self.options.index,
+                               reuse_index=out is not None and out.resumed_rows > 0)
+        if out is not None:
+            out.open()
+        try:
             for mined in mine(training_queries(examples, indices), self.corpus, DenseRetriever(dense, warmup), config):
                 ids = list(mined.negative_ids)
                 pool.add(text_key(mined.query.text), self.corpus.rows(ids))
-                if fh is not None:
-                    fh.write(json.dumps({"query": mined.query.text, "neg_ids": ids}) + "\n")
+                if out is not None:
+                    out.write({"query": mined.query.text, "neg_ids": ids})
                 self.mined_up_front += 1
+        except BaseException:
+            if out is not None:
+                out.close()  # the rows so far stay for the next run
+            raise
+        if out is not None:
+            out.finish()
 
     def _text(self, ref: int) -> str:
         return self.corpus[int(ref)].full_text if ref >= 0 else self._texts[-1 - int(ref)]
@@ -236,3 +275,10 @@ class STARNegatives(NegativeStrategy):
             picks = rng.choice(size, size=n_hard, replace=size < n_hard)
             out += [self._text(refs[i]) for i in picks] if texts is None else [texts[i] for i in picks]
         return out + self._random(example, rng, self.options.random_per_query)
+
+
+def _all_ranks_read() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
