@@ -61,9 +61,10 @@ def mine_command(
 
     from rich.console import Console
 
-    from mining.miner import BM25Retriever, MiningConfig, load_training_queries, mine, write_training_jsonl
-    from mining.stats import MiningStats
+    from mining.job import run_mining_job
+    from mining.miner import BM25Retriever, MiningConfig, load_training_queries
     from retriever.data import DataError
+    from retriever.distributed import barrier, init_distributed, shutdown
 
     console = Console(stderr=True)
     if (index is None) == (bm25 is None):
@@ -93,6 +94,11 @@ def mine_command(
         except ValueError as exc:
             _fail(str(exc))
         t_start = time.perf_counter()
+        ctx = init_distributed()  # under torchrun: each rank mines a block of the queries
+        if ctx.world_size > 1 and index is not None and not index.exists():
+            _fail(f"{index} does not exist: under torchrun, encode the corpus and build the index first "
+                  "(`torchrun ... -m retriever.cli encode`, then `negatron index build`), so that the ranks do not "
+                  "each build it")
         try:
             training, docs = load_training_queries(queries, split=split, qrels=qrels, corpus=corpus)
         except DataError as exc:
@@ -115,38 +121,17 @@ def mine_command(
                 scorer_obj = load_scorer(scorer, scorer_kind, device=device)
             except (OSError, ValueError) as exc:
                 _fail(f"cannot load --scorer {scorer}: {exc}")
-        import numpy as np
-
-        from retriever.resumable_jsonl import ResumableJsonl
-
-        stats = MiningStats(num_negatives=num_negatives)
-        rng = np.random.default_rng(seed)
-        done = [0]  # queries consumed, kept rows' included
         fingerprint = _mining_fingerprint(training, docs, index or bm25, model, config, scorer, scorer_kind,
                                           backend, fp32, batch_size, device)
-        out = ResumableJsonl(output, fingerprint, state=lambda: {
-            "queries_done": done[0], "stats": stats.state(), "rng": rng.bit_generator.state})
-        kept = sum(1 for _ in out.kept_rows())
-        if out.resumed_state:  # a killed run of the same job: continue after its last saved query
-            done[0] = int(out.resumed_state["queries_done"])
-            stats = MiningStats.from_state(out.resumed_state["stats"])
-            rng.bit_generator.state = out.resumed_state["rng"]
-            console.print(f"continuing the interrupted run: {kept:,} rows for the first {done[0]:,} of "
-                          f"{len(training):,} queries are kept in {out.partial} (delete it to start anew)")
-        out.open()
-        stats.settings = {**config.__dict__, "retriever": retriever.name, "queries": str(queries), "index": str(index or bm25),
-                          "model": model, "scorer": scorer, "scorer_type": scorer_kind if scorer else None,
-                          "resumed_after_queries": done[0] or None}
-        stats.seconds.update(timings)
-
-        def counted(rows):
-            for row in rows:
-                done[0] += 1
-                yield row
-
-        mined = counted(mine(training[done[0]:], docs, retriever, config, scorer=scorer_obj, stats=stats,
-                             show_progress=True, rng=rng))
-        out_path, stats_path = write_training_jsonl(output, mined, docs, stats, resumable=out)
+        settings = {**config.__dict__, "retriever": retriever.name, "queries": str(queries), "index": str(index or bm25),
+                    "model": model, "scorer": scorer, "scorer_type": scorer_kind if scorer else None}
+        done = run_mining_job(output, training, docs, retriever, config, fingerprint=fingerprint, settings=settings,
+                              scorer=scorer_obj, seconds=timings, rank=ctx.rank, world=ctx.world_size,
+                              barrier=lambda: barrier(ctx), console=console)
+        shutdown(ctx)
+        if done is None:  # another rank: rank 0 wrote the file
+            return
+        out_path, stats_path, stats = done
         stats.seconds["total"] = time.perf_counter() - t_start
         stats.write(stats_path)
         console.print(stats.table())

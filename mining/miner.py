@@ -54,6 +54,8 @@ class MiningConfig:
             raise ValueError(f"relative_margin must be in [0, 1), got {self.relative_margin}")
         if self.absolute_margin is not None and self.absolute_margin < 0:
             raise ValueError(f"absolute_margin must be >= 0, got {self.absolute_margin}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         return self
 
 
@@ -396,18 +398,18 @@ def encode_texts(model, texts, kind, batch_size, bf16):
 
 def mine(queries: Sequence[TrainingQuery], corpus: Corpus, retriever: Retriever, config: MiningConfig,
          scorer=None, stats: MiningStats | None = None, show_progress: bool = False,
-         rng: np.random.Generator | None = None) -> Iterator[MinedQuery]:
+         first_position: int = 0) -> Iterator[MinedQuery]:
     """Yield one :class:`MinedQuery` per training query, a ``config.query_batch_size`` chunk at a time.
 
-    ``rng``: the sampler's generator (default: seeded with ``config.seed``); a resumed job passes it at the
-    state it had after its last kept query, so ``--sampling random`` draws as an uninterrupted run does.
-    When a row is yielded, ``rng`` and ``stats`` already include its query."""
+    ``--sampling random`` draws query ``i``'s negatives from a generator seeded with ``(config.seed,
+    first_position + i)``: a query's draw depends on its position in the whole job only, so a job resumed
+    after a kill (``queries[n:]``, ``first_position=n``) or split over torchrun ranks draws what one
+    uninterrupted process draws. When a row is yielded, ``stats`` already include its query."""
     config.validate()
     if config.scorer_threshold is not None and scorer is None:
         raise ValueError("scorer_threshold needs a scorer")
     stats = stats if stats is not None else MiningStats(num_negatives=config.num_negatives)
     stats.num_negatives = config.num_negatives
-    rng = rng if rng is not None else np.random.default_rng(config.seed)
     timing = stats.seconds
     starts = range(0, len(queries), config.query_batch_size)
     if show_progress:
@@ -426,7 +428,8 @@ def mine(queries: Sequence[TrainingQuery], corpus: Corpus, retriever: Retriever,
             chunk_scorer = _prescore(chunk, hits, pos_scores, corpus, config, scorer)
             timing["score"] = timing.get("score", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        for q, (ids, scores), q_pos in zip(chunk, hits, pos_scores):
+        for i, (q, (ids, scores), q_pos) in enumerate(zip(chunk, hits, pos_scores), first_position + start):
+            rng = np.random.default_rng([config.seed, i]) if config.sampling == "random" else None
             yield _select(q, ids, scores, q_pos, corpus, config, chunk_scorer, rng, stats)
         timing["filter"] = timing.get("filter", 0.0) + time.perf_counter() - t0
 
@@ -497,8 +500,9 @@ def _select(q: TrainingQuery, ids: list[str], scores: np.ndarray, q_pos: list[fl
 
 
 def write_training_jsonl(path: str | os.PathLike, mined: Iterator[MinedQuery], corpus: Corpus,
-                         stats: MiningStats, skip_empty: bool = True, resumable=None) -> tuple[Path, Path]:
-    """Stream mined rows into ``path`` atomically; write ``<path>.stats.json`` beside it.
+                         stats: MiningStats, skip_empty: bool = True, resumable=None,
+                         write_stats: bool = True) -> tuple[Path, Path]:
+    """Stream mined rows into ``path`` atomically; write ``<path>.stats.json`` beside it (``write_stats``).
 
     ``resumable``: a :class:`retriever.resumable_jsonl.ResumableJsonl` for ``path`` (opened, its kept rows
     counted): rows are appended to its partial file, which takes ``path``'s name when ``mined`` is exhausted."""
@@ -523,7 +527,9 @@ def write_training_jsonl(path: str | os.PathLike, mined: Iterator[MinedQuery], c
                 fh.write(json.dumps(m.to_row(corpus), ensure_ascii=False) + "\n")
                 written += 1
     stats.settings["rows_written"] = written
-    stats_path = stats.write(stats_path_for(path))
+    stats_path = stats_path_for(path)
+    if write_stats:
+        stats.write(stats_path)
     return path, stats_path
 
 

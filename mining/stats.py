@@ -56,6 +56,26 @@ class MiningStats:
     def from_state(cls, state: dict) -> "MiningStats":
         return cls(**state)
 
+    @classmethod
+    def merged(cls, states: list[dict]) -> "MiningStats":
+        """One job's statistics from its blocks' (torchrun ranks, in order): counts add up, each timing is
+        the slowest block's (they ran side by side), settings are the first block's with the rows summed."""
+        out = cls.from_state(states[0])
+        for state in states[1:]:
+            other = cls.from_state(state)
+            out.queries += other.queries
+            out.candidates += other.candidates
+            out.negatives += other.negatives
+            out.margin_unavailable += other.margin_unavailable
+            for name, count in other.dropped.items():
+                out.dropped[name] = out.dropped.get(name, 0) + count
+            out.short_queries.extend(other.short_queries)
+            out.rank_counts = [a + b for a, b in zip(out.rank_counts, other.rank_counts)]
+            for step, secs in other.seconds.items():
+                out.seconds[step] = max(out.seconds.get(step, 0.0), secs)
+            out.settings["rows_written"] = out.settings.get("rows_written", 0) + other.settings.get("rows_written", 0)
+        return out
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("rank_counts")

@@ -170,7 +170,7 @@ def test_mine_refuses_an_unknown_backend(beir, tiny_model_dir, tmp_path):
 def test_mine_killed_midway_continues_where_it_stopped(beir, tiny_model_dir, tmp_path, monkeypatch):
     """A mining job killed after some rows keeps them: the re-run mines only the other queries and writes the
     same file and statistics as an uninterrupted run, random sampling included; other settings start anew."""
-    import mining.miner as miner
+    import mining.job as miner
     from retriever.resumable_jsonl import ResumableJsonl
 
     common = ["--queries", beir, "--index", tmp_path / "idx", "--model", tiny_model_dir, "--k", 40, "--range-min", 2,
@@ -212,3 +212,29 @@ def test_mine_killed_midway_continues_where_it_stopped(beir, tiny_model_dir, tmp
     monkeypatch.setattr(miner, "mine", killed_after(10**9))
     other = [*common[:-6], "--seed", 8, *common[-4:]]
     assert _mine(*other, "--output", tmp_path / "other.jsonl").exit_code == 0 and asked[-1] == 10
+
+
+def test_mine_under_torchrun_splits_the_queries_and_writes_the_one_process_file(beir, tiny_model_dir, tmp_path):
+    """Two torchrun ranks each mine a block of the queries; rank 0 joins the blocks and the statistics into
+    the file and totals one process writes (random sampling included)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    common = ["--queries", beir, "--index", tmp_path / "idx", "--model", tiny_model_dir, "--k", 40, "--range-min", 2,
+              "--range-max", 30, "--num-negatives", 3, "--sampling", "random", "--seed", 3,
+              "--query-batch-size", 3, "--backend", "torch"]
+    one = _mine(*common, "--output", tmp_path / "one.jsonl")
+    assert one.exit_code == 0, one.output
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": ""}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "retriever.cli", "mine", *map(str, common), "--output", str(tmp_path / "two.jsonl")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    a, b = (json.loads((tmp_path / f"{n}.stats.json").read_text()) for n in ("one", "two"))
+    for key in ("queries", "candidates", "negatives", "dropped", "short_queries", "rank_histogram"):
+        assert a[key] == b[key], key
+    assert b["settings"]["ranks"] == 2 and b["settings"]["rows_written"] == a["settings"]["rows_written"]
+    assert sorted(p.name for p in tmp_path.glob("two.*")) == ["two.jsonl", "two.stats.json"]

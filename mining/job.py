@@ -1,0 +1,99 @@
+"""``negatron mine`` as a job: it survives a kill and splits over torchrun ranks.
+
+Rows go to ``<output>.partial`` as they are mined, with the statistics so far saved beside them
+(:class:`retriever.resumable_jsonl.ResumableJsonl`); a re-run with the same inputs and settings continues
+after the last saved query. Under torchrun (``WORLD_SIZE`` > 1) rank ``r`` mines the ``r``-th contiguous
+block of the queries into ``<output>.rank<r>-of-<w>`` (itself resumable; a finished block is kept with a
+``.done.json`` beside it), and rank 0 concatenates the blocks in order and merges the statistics. Random
+sampling is seeded per query position (:func:`mining.miner.mine`), so the file is the same on any number of
+ranks and after any number of kills.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+from mining.miner import MiningConfig, mine, stats_path_for, write_training_jsonl
+from mining.stats import MiningStats
+from retriever.io import atomic_write, write_text_atomic
+from retriever.resumable_jsonl import ResumableJsonl
+
+
+def run_mining_job(output: Path, training: Sequence, docs, retriever, config: MiningConfig, *, fingerprint: dict,
+                   settings: dict, scorer=None, seconds: dict | None = None, rank: int = 0, world: int = 1,
+                   barrier=None, console=None) -> tuple[Path, Path, MiningStats] | None:
+    """Mine ``training`` into ``output`` (and ``<output>.stats.json``). Returns ``(output, stats path,
+    stats)`` on rank 0, ``None`` on the other ranks. ``barrier``: waits for every rank (world > 1)."""
+    n = len(training)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    part = output if world == 1 else output.with_name(f"{output.name}.rank{rank}-of-{world}")
+    fingerprint = {**fingerprint, "block": [rank, world, lo, hi]}
+    finished = part.with_name(part.name + ".done.json")
+    stats = _finished_block(part, finished, fingerprint)
+    if stats is None:
+        stats = _mine_block(part, training, lo, hi, docs, retriever, config, scorer, fingerprint, settings,
+                            seconds or {}, world, console, show_progress=rank == 0)
+        if world > 1:
+            write_text_atomic(finished, json.dumps({"fingerprint": fingerprint, "stats": stats.state()}) + "\n")
+    if world == 1:
+        return output, stats_path_for(output), stats
+    barrier()
+    if rank != 0:
+        return None
+    parts = [output.with_name(f"{output.name}.rank{r}-of-{world}") for r in range(world)]
+    done = [part.with_name(part.name + ".done.json") for part in parts]
+    merged = MiningStats.merged([json.loads(d.read_text())["stats"] for d in done])
+    with atomic_write(output, "wb") as fh:  # the blocks in rank order: the queries' order
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, fh, 1 << 20)
+    merged.settings["ranks"] = world
+    stats_path = merged.write(stats_path_for(output))
+    for path in parts + done:
+        path.unlink(missing_ok=True)
+    return output, stats_path, merged
+
+
+def _finished_block(part: Path, finished: Path, fingerprint: dict) -> MiningStats | None:
+    """The statistics of this rank's block when an earlier run of the same job finished it."""
+    if not (finished.exists() and part.exists()):
+        return None
+    try:
+        saved = json.loads(finished.read_text())
+    except ValueError:
+        return None
+    if saved.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+        finished.unlink()
+        return None
+    return MiningStats.from_state(saved["stats"])
+
+
+def _mine_block(part: Path, training, lo: int, hi: int, docs, retriever, config: MiningConfig, scorer,
+                fingerprint: dict, settings: dict, seconds: dict, world: int, console, show_progress: bool):
+    stats = MiningStats(num_negatives=config.num_negatives)
+    done = [0]  # queries of the block consumed, the kept rows' included
+    out = ResumableJsonl(part, fingerprint, state=lambda: {"queries_done": done[0], "stats": stats.state()})
+    kept = sum(1 for _ in out.kept_rows())
+    if out.resumed_state:  # a killed run of the same job: continue after its last saved query
+        done[0] = int(out.resumed_state["queries_done"])
+        stats = MiningStats.from_state(out.resumed_state["stats"])
+        if console is not None:
+            console.print(f"continuing the interrupted run: {kept:,} rows for the first {done[0]:,} of "
+                          f"{hi - lo:,} queries are kept in {out.partial} (delete it to start anew)")
+    out.open()
+    stats.settings = {**settings, "resumed_after_queries": done[0] or None}
+    stats.seconds.update(seconds)
+
+    def counted(rows):
+        for row in rows:
+            done[0] += 1
+            yield row
+
+    start = lo + done[0]
+    mined = counted(mine(training[start:hi], docs, retriever, config, scorer=scorer, stats=stats,
+                         show_progress=show_progress, first_position=start))
+    write_training_jsonl(part, mined, docs, stats, resumable=out, write_stats=world == 1)
+    return stats
