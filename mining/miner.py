@@ -22,6 +22,7 @@ from mining.filters import filter_candidates, sample_negatives
 from mining.stats import MiningStats
 from retriever.data import Corpus, DataError, iter_training_jsonl, iter_triples, load_beir, read_qrels, read_queries
 from retriever.io import atomic_write
+from retriever.offset_index import text_key
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ class MiningConfig:
     scorer_threshold: float | None = None
     seed: int = 42
     query_batch_size: int = 256
+    # the positives' scores (for margins and the rows' pos_scores); a caller that uses neither (STAR's pool)
+    # skips encoding or gathering them
+    score_positives: bool = True
 
     def validate(self) -> "MiningConfig":
         if self.k < 1:
@@ -56,6 +60,8 @@ class MiningConfig:
             raise ValueError(f"absolute_margin must be >= 0, got {self.absolute_margin}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not self.score_positives and (self.relative_margin is not None or self.absolute_margin is not None):
+            raise ValueError("a margin filter compares candidates with the positive's score: keep score_positives")
         return self
 
 
@@ -420,7 +426,7 @@ def mine(queries: Sequence[TrainingQuery], corpus: Corpus, retriever: Retriever,
         chunk = [with_positive_texts(q, corpus) for q in queries[start:start + config.query_batch_size]]
         t0 = time.perf_counter()
         hits = retriever.search(chunk, config.k)
-        pos_scores = retriever.positive_scores(chunk, hits)
+        pos_scores = retriever.positive_scores(chunk, hits) if config.score_positives else [[] for _ in chunk]
         timing["retrieve"] = timing.get("retrieve", 0.0) + time.perf_counter() - t0
         chunk_scorer = scorer
         if scorer is not None and hasattr(scorer, "score_many"):
@@ -462,16 +468,19 @@ def _filter(q: TrainingQuery, ids: list[str], scores: np.ndarray, q_pos: list[fl
             config: MiningConfig, scorer_fn):
     needs_texts = bool(q.positive_texts)  # every query: a duplicate of a positive under another id is no negative
     window = ids[:config.range_max]  # ranks beyond the window can never be kept; skip their bookkeeping
-    exclude_ids, exclude_mask = set(q.positive_ids), None
-    if _rows_are_corpus_rows(window, corpus):  # dense hits: compare rows, read texts by row, no id strings
+    exclude_ids, exclude_mask, exclude_texts = set(q.positive_ids), None, {t.strip() for t in q.positive_texts}
+    texts = None
+    if _rows_are_corpus_rows(window, corpus):  # dense hits: compare rows and text keys, no id strings or texts
         positive_rows = [corpus.row(d) for d in q.positive_ids if d in corpus]
         exclude_ids, exclude_mask = set(), np.isin(window.rows, positive_rows)
-        texts = corpus.texts(window.rows) if needs_texts else None
-    else:
-        texts = corpus.texts(corpus.row(d) for d in window) if needs_texts else None
+        if needs_texts:  # 100 text reads a query were half of STAR's up-front mining time
+            exclude_mask |= np.isin(corpus.text_keys(window.rows), [text_key(t) for t in exclude_texts])
+        exclude_texts = set()
+    elif needs_texts:
+        texts = corpus.texts(corpus.row(d) for d in window)
     return filter_candidates(
         window, scores[:config.range_max],
-        exclude_ids=exclude_ids, exclude_mask=exclude_mask, exclude_texts={t.strip() for t in q.positive_texts},
+        exclude_ids=exclude_ids, exclude_mask=exclude_mask, exclude_texts=exclude_texts,
         texts=texts,
         range_min=config.range_min, range_max=config.range_max,
         pos_score=min(q_pos) if q_pos else None, relative_margin=config.relative_margin,
@@ -491,7 +500,9 @@ def _select(q: TrainingQuery, ids: list[str], scores: np.ndarray, q_pos: list[fl
     chosen = sample_negatives(result.kept, config.num_negatives, config.sampling, rng)
     margin_applied = pos_score is not None or (config.relative_margin is None and config.absolute_margin is None)
     stats.add(q.query_id, len(ids), result.dropped, chosen.tolist(), margin_applied)
-    mined = MinedQuery(q, q_pos, [ids[p] for p in chosen], [float(scores[p]) for p in chosen], [int(p) for p in chosen])
+    names = ids.source.take(ids.rows[chosen]) if isinstance(ids, RowIds) and hasattr(ids.source, "take") \
+        else [ids[p] for p in chosen]
+    mined = MinedQuery(q, q_pos, names, [float(scores[p]) for p in chosen], [int(p) for p in chosen])
     if scorer is not None:
         mined.scorer_negative_scores = [result.scorer_scores[int(p)] for p in chosen]
         mined.scorer_positive_scores = [float(s) for s in scorer.score(q.text, q.positive_texts)]

@@ -151,6 +151,8 @@ class Corpus(Sequence[Document]):
         self._offsets = self._index.offsets
         self._fh = None
         self._lock = threading.Lock()  # one file position shared by every reader
+        self._keys_lock = threading.Lock()
+        self._text_keys = None
 
     def _scan(self) -> Iterator[tuple[int, int, str]]:
         """Every document's (line number, byte offset, id), validating each line as it goes."""
@@ -227,10 +229,20 @@ class Corpus(Sequence[Document]):
     def texts(self, rows: Iterable[int]) -> list[str]:
         return [self._read(int(r)).full_text for r in rows]
 
+    def text_keys(self, rows) -> np.ndarray:
+        """:func:`~retriever.offset_index.text_key` of each row's stripped full text (int64). Tests for
+        duplicate passages compare these instead of reading every candidate's text; the array is made in one
+        pass over the file on first use and cached beside the offset index (8 bytes a document)."""
+        with self._keys_lock:
+            if self._text_keys is None:
+                self._text_keys = self._index.text_keys(lambda: (doc.full_text.strip() for doc in self))
+        return self._text_keys[np.asarray(rows, dtype=np.int64)]
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_fh"] = None
-        del state["_lock"]
+        del state["_lock"], state["_keys_lock"]
+        state["_text_keys"] = None  # reopened from the cache on first use
         if self._index.folder is not None:  # ship the folder name, not 8.8M offsets (DataLoader workers)
             del state["_index"], state["_offsets"]
             state["_index_folder"] = self._index.folder
@@ -245,6 +257,7 @@ class Corpus(Sequence[Document]):
             self._index = OffsetIndex.open(folder)
             self._offsets = self._index.offsets
         self._lock = threading.Lock()
+        self._keys_lock = threading.Lock()
 
     def __del__(self):
         if getattr(self, "_fh", None) is not None:

@@ -39,6 +39,12 @@ FORMAT_VERSION = 1
 _FILES = ("offsets", "id_bytes", "id_ends", "id_hashes", "id_rows")
 
 
+def text_key(text: str) -> int:
+    """Stable signed 64-bit BLAKE2b of a text (a query, or a stripped passage): the key of the compact maps.
+    Two different texts collide with probability ~n²/2⁶⁵ (~10⁻⁸ for 503k MS MARCO queries)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
 def id_hash(doc_id: str) -> int:
     """Stable 64-bit hash of an id (Python's ``hash`` changes per process)."""
     return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little")
@@ -83,6 +89,16 @@ class CorpusIds(Sequence[str]):
     def _one(self, row: int) -> str:
         start = int(self._ends[row - 1]) + self._sep if row > 0 else 0
         return bytes(self._bytes[start:int(self._ends[row])]).decode("utf-8")
+
+    def take(self, rows) -> list[str]:
+        """The ids of many rows (one numpy gather, then a bytes slice each: ~10x fewer per-id costs)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows outside 0..{len(self) - 1}")
+        ends = self._ends[rows]
+        starts = np.where(rows > 0, self._ends[np.maximum(rows - 1, 0)] + self._sep, 0)
+        data = memoryview(self._bytes)
+        return [bytes(data[a:b]).decode("utf-8") for a, b in zip(starts.tolist(), ends.tolist())]
 
     def __getitem__(self, key):  # type: ignore[override]
         if isinstance(key, slice):
@@ -149,6 +165,29 @@ class OffsetIndex:
             r = self.row(d)
             out[i] = -1 if r is None else r
         return out
+
+    def text_keys(self, texts: Callable[[], Iterator[str]]) -> np.ndarray:
+        """int64 :func:`text_key` of every row's text, in row order: ``text_keys.npy`` in the cache folder,
+        made from ``texts()`` (every row's stripped text) on first use and memory-mapped after that."""
+        path = self.folder / "text_keys.npy" if self.folder is not None else None
+        if path is not None and path.is_file():
+            keys = np.load(path, mmap_mode="r")
+            if len(keys) == len(self):
+                return keys
+        keys = np.fromiter((text_key(t) for t in texts()), dtype=np.int64, count=len(self))
+        if path is None:
+            return keys
+        fd, tmp = tempfile.mkstemp(prefix=".text_keys.", suffix=".npy", dir=self.folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, keys)
+            os.replace(tmp, path)
+        except OSError as exc:  # read-only cache: keep them in memory
+            logger.warning("cannot cache the text keys under %s (%s)", self.folder, exc)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            return keys
+        return np.load(path, mmap_mode="r")
 
     # ------------------------------------------------------------------ open / build
     @classmethod

@@ -130,3 +130,30 @@ def test_keep_negatives_shared_filter_positives_by_text_and_margin():
     with pytest.raises(ValueError):
         MarginFilter(relative_margin=1.5)
     assert not MarginFilter().has_margin and MarginFilter(absolute_margin=0.1).threshold(0.5) == pytest.approx(0.4)
+
+
+def test_dense_rows_exclude_a_duplicate_of_the_positive_by_text_key(tmp_path, monkeypatch):
+    """Dense hits are corpus rows: the text test compares cached text keys, reads no text, and drops what
+    comparing the texts drops."""
+    from mining.miner import MiningConfig, RowIds, TrainingQuery, _filter
+    from retriever.data import Corpus
+
+    corpus = _duplicate_corpus(tmp_path)
+    q = TrainingQuery("q1", "query", ["d1"], [corpus.get("d1").full_text + " "])
+    hits = RowIds(np.array([4, 1, 0, 2, 3, 5]), corpus.ids)
+    monkeypatch.setattr(Corpus, "texts", lambda self, rows: pytest.fail("a candidate's text was read"))
+    config = MiningConfig(k=6, range_min=0, range_max=6, num_negatives=3).validate()
+    result = _filter(q, hits, np.linspace(1, 0, 6, dtype=np.float32), [], corpus, config, None)
+    assert [hits[p] for p in result.kept] == ["d0", "d2", "d3", "d5"] and result.dropped["excluded"] == 2
+
+
+def test_corpus_text_keys_are_cached_beside_the_offset_index(tmp_path, monkeypatch):
+    from retriever.data import Corpus
+    from retriever.offset_index import text_key
+
+    corpus = _duplicate_corpus(tmp_path)
+    keys = corpus.text_keys([0, 1, 4, 5])
+    assert keys.tolist() == [text_key(corpus[r].full_text.strip()) for r in (0, 1, 4, 5)] and keys[1] == keys[2]
+    assert (corpus._index.folder / "text_keys.npy").is_file()
+    monkeypatch.setattr(Corpus, "__iter__", lambda self: pytest.fail("the keys were computed again"))
+    assert Corpus(corpus.path).text_keys([5]).tolist() == [keys[3]]

@@ -92,3 +92,14 @@ def test_embedding_and_index_ids_are_memory_mapped(tmp_path):
     assert list(read_ids(path, 2)) == ["a", "bb"]
     with pytest.raises(DataError, match="2 ids but the manifest says 3"):
         read_ids(path, 3)
+
+
+def test_take_decodes_many_ids_at_once(tmp_path):
+    corpus = Corpus(_corpus_file(tmp_path / "c.jsonl", n=50))
+    rows = [0, 49, 7, 7, 1]
+    assert corpus.ids.take(rows) == [corpus.ids[r] for r in rows] == ["doc-0", "doc-49", "doc-7", "doc-7", "doc-1"]
+    lines = tmp_path / "ids.txt"
+    lines.write_text("a\nbb\nccc\n")
+    assert CorpusIds.from_lines(lines).take([2, 0, 1]) == ["ccc", "a", "bb"]
+    with pytest.raises(IndexError):
+        corpus.ids.take([50])

@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from retriever.data import Corpus, TrainingExample
+from retriever.offset_index import text_key  # noqa: F401  (the compact maps' key; re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -225,12 +226,6 @@ def _matching_index(folder: Path, store, factory: str, options: IndexOptions):
 
 
 # ---------------------------------------------------------------------------------------------- compact maps
-def text_key(text: str) -> int:
-    """Stable signed 64-bit BLAKE2b of a text (a query, or a stripped passage): the key of the compact maps.
-    Two different texts collide with probability ~n²/2⁶⁵ (~10⁻⁸ for 503k MS MARCO queries)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
-
-
 class KeyedRows:
     """int64 keys -> ragged integer arrays, frozen into sorted keys + CSR (no Python object per entry).
 

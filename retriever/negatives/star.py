@@ -190,7 +190,7 @@ class STARNegatives(NegativeStrategy):
         window = self.options.range_max - self.options.range_min
         config = MiningConfig(k=self.options.range_max, range_min=self.options.range_min,
                               range_max=self.options.range_max, num_negatives=self.options.mine_pool or window,
-                              sampling="top")
+                              sampling="top", score_positives=False)
         out = None
         if pool_file is not None:
             stat = Path(self.corpus.path).stat()
