@@ -166,9 +166,10 @@ def test_http_server_and_client_under_load_during_refresh(env, tmp_path):
     assert set(versions) <= svc.versions_seen
 
 
-def test_duplicates_of_a_positive_under_another_id_are_never_negatives(env, tmp_path):
+def test_duplicates_of_a_positive_under_another_id_are_never_negatives(env, tmp_path, monkeypatch):
     """An exact copy of a positive's text under another id is excluded like the positive (by text),
-    for every query; exclude_texts drops texts given per query."""
+    for every query; exclude_texts drops texts given per query. An index of the service's own corpus is
+    filtered by row and text key (no candidate text read), with the answers of the by-id path."""
     import json
     import shutil
 
@@ -188,10 +189,19 @@ def test_duplicates_of_a_positive_under_another_id_are_never_negatives(env, tmp_
     DenseIndex.build(store, tmp_path / "index", factory="Flat", metric="ip")
     with MiningService(tmp_path / "index", env["model"], corpus=data, work_dir=tmp_path / "versions") as svc:
         text7 = svc.corpus.get("doc7").full_text
-        [res] = svc.mine(["anything at all"], k=82, positive_ids=[["doc0"]], exclude_texts=[[text7]])
+        with monkeypatch.context() as m:
+            m.setattr(Corpus, "texts", lambda self, rows: pytest.fail("a candidate's text was read"))
+            [res] = svc.mine(["anything at all"], k=82, positive_ids=[["doc0"]], exclude_texts=[[text7]],
+                             exclude_ids=["doc3"])
         got = {n.doc_id for n in res.negatives}
-        assert not got & {"doc0", "copy-of-doc0", "doc7", "copy-of-doc7"}
-        assert res.dropped["excluded"] == 4 and len(got) == 82 - 4
+        assert not got & {"doc0", "copy-of-doc0", "doc7", "copy-of-doc7", "doc3"}
+        assert res.dropped["excluded"] == 5 and len(got) == 82 - 5
+        with monkeypatch.context() as m:
+            m.setattr("mining.service._rows_are_corpus_rows", lambda hits, corpus: False)
+            [by_id] = svc.mine(["anything at all"], k=82, positive_ids=[["doc0"]], exclude_texts=[[text7]],
+                               exclude_ids=["doc3"])
+        assert [(n.doc_id, n.score, n.rank) for n in by_id.negatives] == \
+            [(n.doc_id, n.score, n.rank) for n in res.negatives] and by_id.dropped == res.dropped
         with pytest.raises(ValueError, match="exclude_texts"):
             svc.mine(["a"], exclude_texts=[["x"], ["y"]])
 
