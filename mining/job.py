@@ -18,7 +18,7 @@ from typing import Sequence
 
 from mining.miner import MiningConfig, mine, stats_path_for, write_training_jsonl
 from mining.stats import MiningStats
-from retriever.io import atomic_write, write_text_atomic
+from retriever.io import atomic_write
 from retriever.resumable_jsonl import ResumableJsonl
 
 
@@ -29,23 +29,17 @@ def run_mining_job(output: Path, training: Sequence, docs, retriever, config: Mi
     stats)`` on rank 0, ``None`` on the other ranks. ``barrier``: waits for every rank (world > 1)."""
     n = len(training)
     lo, hi = rank * n // world, (rank + 1) * n // world
-    part = output if world == 1 else output.with_name(f"{output.name}.rank{rank}-of-{world}")
-    fingerprint = {**fingerprint, "block": [rank, world, lo, hi]}
-    finished = part.with_name(part.name + ".done.json")
-    stats = _finished_block(part, finished, fingerprint)
-    if stats is None:
-        stats = _mine_block(part, training, lo, hi, docs, retriever, config, scorer, fingerprint, settings,
-                            seconds or {}, world, console, show_progress=rank == 0)
-        if world > 1:
-            write_text_atomic(finished, json.dumps({"fingerprint": fingerprint, "stats": stats.state()}) + "\n")
+    part = output if world == 1 else block_path(output, rank, world)
+    stats = _mine_block(part, training, lo, hi, docs, retriever, config, scorer, {**fingerprint, "block": [rank, world, lo, hi]},
+                        settings, seconds or {}, world, console, show_progress=rank == 0)
     if world == 1:
         return output, stats_path_for(output), stats
     barrier()
     if rank != 0:
         return None
-    parts = [output.with_name(f"{output.name}.rank{r}-of-{world}") for r in range(world)]
+    parts = [block_path(output, r, world) for r in range(world)]
     done = [part.with_name(part.name + ".done.json") for part in parts]
-    merged = MiningStats.merged([json.loads(d.read_text())["stats"] for d in done])
+    merged = MiningStats.merged([json.loads(d.read_text())["state"]["stats"] for d in done])
     with atomic_write(output, "wb") as fh:  # the blocks in rank order: the queries' order
         for part in parts:
             with open(part, "rb") as src:
@@ -57,25 +51,20 @@ def run_mining_job(output: Path, training: Sequence, docs, retriever, config: Mi
     return output, stats_path, merged
 
 
-def _finished_block(part: Path, finished: Path, fingerprint: dict) -> MiningStats | None:
-    """The statistics of this rank's block when an earlier run of the same job finished it."""
-    if not (finished.exists() and part.exists()):
-        return None
-    try:
-        saved = json.loads(finished.read_text())
-    except ValueError:
-        return None
-    if saved.get("fingerprint") != json.loads(json.dumps(fingerprint)):
-        finished.unlink()
-        return None
-    return MiningStats.from_state(saved["stats"])
+def block_path(output: Path, rank: int, world: int) -> Path:
+    """Where torchrun rank ``rank`` of ``world`` writes its block of ``output``."""
+    return output.with_name(f"{output.name}.rank{rank}-of-{world}")
 
 
 def _mine_block(part: Path, training, lo: int, hi: int, docs, retriever, config: MiningConfig, scorer,
                 fingerprint: dict, settings: dict, seconds: dict, world: int, console, show_progress: bool):
     stats = MiningStats(num_negatives=config.num_negatives)
     done = [0]  # queries of the block consumed, the kept rows' included
-    out = ResumableJsonl(part, fingerprint, state=lambda: {"queries_done": done[0], "stats": stats.state()})
+    out = ResumableJsonl(part, fingerprint, state=lambda: {"queries_done": done[0], "stats": stats.state()},
+                         done_marker=world > 1)
+    finished = out.finished()
+    if finished is not None:  # a killed run had finished this block
+        return MiningStats.from_state(finished["stats"])
     kept = sum(1 for _ in out.kept_rows())
     if out.resumed_state:  # a killed run of the same job: continue after its last saved query
         done[0] = int(out.resumed_state["queries_done"])

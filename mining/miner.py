@@ -528,8 +528,8 @@ def write_training_jsonl(path: str | os.PathLike, mined: Iterator[MinedQuery], c
         except BaseException:
             resumable.close()  # the rows so far stay for the next run
             raise
+        written = stats.settings["rows_written"] = resumable.rows  # in the state a done marker keeps
         resumable.finish()
-        written = resumable.rows
     else:
         with atomic_write(path, "w") as fh:
             for m in mined:

@@ -10,7 +10,9 @@ Files beside the output ``<name>``: ``<name>.partial`` (complete lines; a torn l
 cut off), ``<name>.partial.json`` (the fingerprint, written before the first row) and, for a job that
 carries state between rows (a sampler's random state, running statistics), ``<name>.partial.state.json``:
 that state and the row count it belongs to, written after each fsync of the rows. A job with state keeps
-exactly the rows its last state covers.
+exactly the rows its last state covers. With ``done_marker`` (a torchrun rank's block of a job, which its
+other blocks wait for), :meth:`ResumableJsonl.finish` leaves ``<name>.done.json`` (fingerprint and final
+state) beside the finished file, so a re-run after a kill skips a block that was already finished.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ class ResumableJsonl:
     ``sync_every_s`` (default :attr:`SYNC_EVERY_S`): rows are flushed and fsynced at most this often (and at
     :meth:`finish`), so a kill loses at most that many seconds of rows. ``writer=False`` (the other ranks under torchrun): read the partial
     rows, write nothing. ``state``: called after each fsync; what it returns is saved with the row count and
-    comes back as :attr:`resumed_state` (the job continues from there)."""
+    comes back as :attr:`resumed_state` (the job continues from there). ``done_marker``: see the module."""
 
     SYNC_EVERY_S = 30.0
 
     def __init__(self, path: str | os.PathLike, fingerprint: dict, sync_every_s: float | None = None,
-                 writer: bool = True, state: Callable[[], dict] | None = None):
+                 writer: bool = True, state: Callable[[], dict] | None = None, done_marker: bool = False):
         self.path = Path(path)
+        self.done_file = self.path.with_name(self.path.name + ".done.json") if done_marker else None
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.meta = self.path.with_name(self.path.name + ".partial.json")
         self.state_file = self.path.with_name(self.path.name + ".partial.state.json")
@@ -52,6 +55,19 @@ class ResumableJsonl:
         self._fh = None
         self._synced = time.monotonic()
         self.resumed_rows = 0
+
+    def finished(self) -> dict | None:
+        """With ``done_marker``: the final state (``{}`` without ``state``) when an earlier run of the same job
+        finished ``path``, else None (then mine as usual: :meth:`kept_rows`, :meth:`open`, ...)."""
+        if self.done_file is None or not (self.done_file.exists() and self.path.exists()):
+            return None
+        try:
+            saved = json.loads(self.done_file.read_text())
+        except ValueError:
+            return None
+        if saved.get("fingerprint") != self.fingerprint:
+            return None
+        return saved.get("state") or {}
 
     def kept_rows(self) -> Iterator[dict]:
         """The complete rows of an interrupted run with the same fingerprint (none otherwise); a partial file
@@ -121,11 +137,15 @@ class ResumableJsonl:
             self._sync()
 
     def finish(self) -> Path:
-        """fsync and give the file its final name (atomic rename); the fingerprint file is removed."""
+        """fsync and give the file its final name (atomic rename); the fingerprint file is removed (with
+        ``done_marker``, the done file is written first: a kill between the two leaves a complete partial)."""
         if self._fh is not None:
             self._sync()
             self._fh.close()
             self._fh = None
+            if self.done_file is not None:
+                write_text_atomic(self.done_file, json.dumps(
+                    {"fingerprint": self.fingerprint, "state": self.state() if self.state else None}) + "\n")
             os.replace(self.partial, self.path)
             self.meta.unlink(missing_ok=True)
             self.state_file.unlink(missing_ok=True)
@@ -149,8 +169,9 @@ class ResumableJsonl:
         self._synced = time.monotonic()
 
     def _discard(self) -> None:
-        for path in (self.partial, self.meta, self.state_file):
-            path.unlink(missing_ok=True)
+        for path in (self.partial, self.meta, self.state_file, self.done_file):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
 
 def _prefix_length(fh, rows: int) -> int:

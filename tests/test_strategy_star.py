@@ -276,3 +276,54 @@ def test_star_mining_killed_midway_keeps_its_rows_and_mines_only_the_rest(mini, 
     monkeypatch.setattr(miner, "mine", killed_after(10**9))
     star(tmp_path / "changed")
     assert len(mined_queries) == len({ex.query for ex in examples})
+
+
+def _star_rank(rank, port, folder, model, work, out):
+    import os
+
+    import torch
+
+    from retriever.modeling import BiEncoder
+
+    os.environ.update({"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    ds = load_beir(folder, "train")
+    examples = training_examples_from_qrels(ds.queries, ds.qrels, ds.corpus)
+    strategy = STARNegatives({"range_min": 0, "range_max": 30, "mine_pool": 10})
+    strategy.corpus = ds.corpus
+    strategy.setup(examples, BiEncoder.from_pretrained(model), work)
+    with open(f"{out}-{rank}.json", "w") as fh:
+        json.dump({"pools": {ex.query: strategy.hard_texts(ex.query) for ex in examples},
+                   "mined": strategy.mined_up_front}, fh)
+    torch.distributed.destroy_process_group()
+
+
+def test_under_torchrun_each_rank_mines_a_block_and_every_rank_gets_the_whole_pool(mini, tmp_path):
+    """Two ranks split the up-front mining; both end with the single process's pool, and rank 0 writes its
+    pool file."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from retriever.modeling import BiEncoder
+    from retriever.negatives.star import POOL_FILE
+
+    folder, model = mini
+    ds = load_beir(folder, "train")
+    examples = training_examples_from_qrels(ds.queries, ds.qrels, ds.corpus)
+    single = STARNegatives({"range_min": 0, "range_max": 30, "mine_pool": 10})
+    single.corpus = ds.corpus
+    single.setup(examples, BiEncoder.from_pretrained(model), tmp_path / "one")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_star_rank, args=(port, folder, model, str(tmp_path / "two"), str(tmp_path / "rank")), nprocs=2,
+             join=True)
+    expected = {ex.query: single.hard_texts(ex.query) for ex in examples}
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert got["pools"] == expected and got["mined"] == single.mined_up_front
+    assert (tmp_path / "two" / POOL_FILE).read_text() == (tmp_path / "one" / POOL_FILE).read_text()
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.is_file()) == [POOL_FILE]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -175,12 +175,14 @@ class STARNegatives(NegativeStrategy):
         """Mine ``examples[indices]`` into ``pool``, streaming it by id to ``pool_file``. A run killed while
         mining (hours for 503k MS MARCO queries on a CPU) leaves ``<pool>.partial``; the next run of the same
         folder with the same warm-up weights, corpus, options and queries keeps those rows, reuses the warm-up
-        index, and mines only the rest (:class:`retriever.resumable_jsonl.ResumableJsonl`)."""
-        from index.encode import model_fingerprint
-        from mining.miner import DenseRetriever, MiningConfig, mine
+        index, and mines only the rest (:class:`retriever.resumable_jsonl.ResumableJsonl`). Under torchrun each
+        rank mines a contiguous block of the queries into its own file, every rank then reads the others'
+        blocks (each needs the whole pool), and rank 0 joins them into ``pool_file``."""
+        from index.encode import _rank_world, model_fingerprint
+        from mining.miner import MiningConfig
 
         from retriever.modeling import BiEncoder
-        from retriever.resumable_jsonl import ResumableJsonl, fingerprint_texts
+        from retriever.resumable_jsonl import fingerprint_texts
 
         warmup = model
         if self.options.warmup_model:  # on the training device: encoding the corpus is the costly part
@@ -191,17 +193,64 @@ class STARNegatives(NegativeStrategy):
         config = MiningConfig(k=self.options.range_max, range_min=self.options.range_min,
                               range_max=self.options.range_max, num_negatives=self.options.mine_pool or window,
                               sampling="top", score_positives=False)
-        out = None
-        if pool_file is not None:
-            stat = Path(self.corpus.path).stat()
-            out = ResumableJsonl(pool_file, {
-                "warmup_document": model_fingerprint(warmup, "document"),
-                "warmup_query": model_fingerprint(warmup, "query"),
-                "corpus": [str(Path(self.corpus.path).resolve()), stat.st_size, stat.st_mtime_ns, len(self.corpus)],
-                "mining": {"range_min": self.options.range_min, "range_max": self.options.range_max,
-                           "mine_pool": self.options.mine_pool, "index": self.options.index.model_dump(mode="json")},
-                "queries": [len(indices), fingerprint_texts(lambda: (examples[i].query for i in indices))],
-            }, writer=os.environ.get("RANK", "0") == "0")
+        stat = Path(self.corpus.path).stat()
+        fingerprint = {
+            "warmup_document": model_fingerprint(warmup, "document"),
+            "warmup_query": model_fingerprint(warmup, "query"),
+            "corpus": [str(Path(self.corpus.path).resolve()), stat.st_size, stat.st_mtime_ns, len(self.corpus)],
+            "mining": {"range_min": self.options.range_min, "range_max": self.options.range_max,
+                       "mine_pool": self.options.mine_pool, "index": self.options.index.model_dump(mode="json")},
+            "queries": [len(indices), fingerprint_texts(lambda: (examples[i].query for i in indices))],
+        }
+        rank, world = _rank_world()
+        if world == 1 or pool_file is None:
+            self._mine_block(examples, indices, warmup, folder, config, pool_file, fingerprint, pool, world)
+            return
+        n = len(indices)
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        parts = [pool_file.with_name(f"{pool_file.name}.rank{r}-of-{world}") for r in range(world)]
+        self._mine_block(examples, indices[lo:hi], warmup, folder, config, parts[rank],
+                         {**fingerprint, "block": [rank, world, lo, hi]}, pool, world)
+        _wait_for_all_ranks()  # every block is finished
+        for r, part in enumerate(parts):
+            if r != rank:
+                self._read_rows(part, pool)
+        _wait_for_all_ranks()  # every rank has read every block
+        if rank == 0:
+            from retriever.io import atomic_write
+
+            with atomic_write(pool_file, "wb") as fh:  # blocks in rank order: the queries' order
+                for part in parts:
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, fh, 1 << 20)
+            for part in parts:
+                part.unlink(missing_ok=True)
+                part.with_name(part.name + ".done.json").unlink(missing_ok=True)
+
+    def _read_rows(self, path: Path, pool: KeyedRows) -> int:
+        n = 0
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                row = json.loads(line)
+                pool.add(text_key(row["query"]), self.corpus.rows(row["neg_ids"]))
+                n += 1
+        self.mined_up_front += n
+        return n
+
+    def _mine_block(self, examples, indices: list[int], warmup, folder: Path, config, out_file: Path | None,
+                    fingerprint: dict, pool: KeyedRows, world: int) -> None:
+        """Mine ``examples[indices]`` into ``pool`` and ``out_file`` (resumable). Under torchrun every rank
+        calls this (the index build is collective), each with its own block and file."""
+        from mining.miner import DenseRetriever, mine
+
+        from retriever.resumable_jsonl import ResumableJsonl
+
+        out = ResumableJsonl(out_file, fingerprint, done_marker=world > 1) if out_file is not None else None
+        resumed = False
+        if out is not None and out.finished() is not None:  # this rank's block was finished before a kill
+            self._read_rows(out_file, pool)
+            indices = []
+        elif out is not None:
             done = set()
             for row in out.kept_rows():
                 key = text_key(row["query"])
@@ -211,15 +260,17 @@ class STARNegatives(NegativeStrategy):
                 logger.info("STAR: %d of %d queries were mined by the interrupted run in %s; mining the rest",
                             len(done), len(indices), out.partial)
                 indices = [i for i in indices if text_key(examples[i].query) not in done]
+                resumed = True
             self.mined_up_front += len(done)
         logger.info("STAR: mining hard negatives for %d queries with the warm-up model", len(indices))
-        if not indices:  # killed after the last row, before the rename
-            if out is not None:
-                _all_ranks_read()  # the other ranks read the partial file before it is renamed
+        # the warm-up index is built by every rank together (a collective under torchrun), or by none
+        need_index, resumed = _any_rank(bool(indices)), _any_rank(resumed)
+        if need_index:
+            dense, _ = build_index(warmup, self.corpus, folder, options=self.options.index, reuse_index=resumed)
+        if not indices:
+            if out is not None and out.finished() is None:  # killed after the last row, before the rename
                 out.open().finish()
             return
-        dense, _ = build_index(warmup, self.corpus, folder, options=self.options.index,
-                               reuse_index=out is not None and out.resumed_rows > 0)
         if out is not None:
             out.open()
         try:
@@ -277,8 +328,19 @@ class STARNegatives(NegativeStrategy):
         return out + self._random(example, rng, self.options.random_per_query)
 
 
-def _all_ranks_read() -> None:
+def _wait_for_all_ranks() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _any_rank(flag: bool) -> bool:
+    """``flag`` or-ed over the torchrun ranks (the flag itself in a single process)."""
+    import torch.distributed as dist
+
+    from retriever.distributed import context_from_group, gather_objects
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    return any(gather_objects(flag, context_from_group()))
