@@ -37,7 +37,7 @@ class ResumableJsonl:
     rows, write nothing. ``state``: called after each fsync; what it returns is saved with the row count and
     comes back as :attr:`resumed_state` (the job continues from there). ``done_marker``: see the module."""
 
-    SYNC_EVERY_S = 30.0
+    SYNC_EVERY_S = float(os.environ.get("NEGATRON_SYNC_EVERY_S", "30"))  # the environment: for kill tests
 
     def __init__(self, path: str | os.PathLike, fingerprint: dict, sync_every_s: float | None = None,
                  writer: bool = True, state: Callable[[], dict] | None = None, done_marker: bool = False):

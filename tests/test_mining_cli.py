@@ -238,3 +238,43 @@ def test_mine_under_torchrun_splits_the_queries_and_writes_the_one_process_file(
         assert a[key] == b[key], key
     assert b["settings"]["ranks"] == 2 and b["settings"]["rows_written"] == a["settings"]["rows_written"]
     assert sorted(p.name for p in tmp_path.glob("two.*")) == ["two.jsonl", "two.stats.json"]
+
+
+def test_mine_killed_with_sigkill_continues_and_writes_the_uninterrupted_file(tiny_model_dir, tmp_path):
+    """A real kill (SIGKILL, no cleanup) of `negatron mine` in the middle of its queries: the re-run keeps the
+    rows its last saved state covers and ends with the uninterrupted run's file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from test_mining import _write_dataset
+
+    data = _write_dataset(tmp_path / "beir", n_docs=2400, n_queries=800)
+    common = ["--queries", data, "--index", tmp_path / "idx", "--model", tiny_model_dir, "--k", 40, "--range-min", 2,
+              "--range-max", 30, "--num-negatives", 3, "--sampling", "random", "--query-batch-size", 8,
+              "--backend", "torch"]
+    whole = _mine(*common, "--output", tmp_path / "whole.jsonl")
+    assert whole.exit_code == 0, whole.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "NEGATRON_SYNC_EVERY_S": "0"}
+    cmd = [sys.executable, "-m", "retriever.cli", "mine", *map(str, common), "--output", str(tmp_path / "job.jsonl")]
+    partial = tmp_path / "job.jsonl.partial"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if partial.exists() and partial.stat().st_size > 0 and sum(1 for _ in open(partial, "rb")) >= 150:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = sum(1 for _ in open(partial, "rb"))
+    assert 150 <= kept < 800 and not (tmp_path / "job.jsonl").exists()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing the interrupted run" in again.stderr
+    assert (tmp_path / "job.jsonl").read_text() == (tmp_path / "whole.jsonl").read_text()
+    a, b = (json.loads((tmp_path / f"{n}.stats.json").read_text()) for n in ("whole", "job"))
+    assert all(a[k] == b[k] for k in ("queries", "negatives", "dropped", "short_queries", "rank_histogram"))
