@@ -17,6 +17,10 @@ fp32, the one precision every CPU computes natively (bf16 runs would not be comp
 the machine changes between sessions); each result records the machine it ran on.
 
     .venv/bin/python bench/ablation_protocol.py [--work runs/ablation-protocol] [--phase dev|test|report]
+        [--arms ARM ...]
+
+``--arms`` runs only those arms' runs (in protocol order), so that two drivers can share a machine, each on
+its own arms: every save merges into the results file under a lock, never over another driver's results.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class Runner:
             raise SystemExit(f"{results_path} was begun with {begun}, the protocol now says {here}: results of "
                              "another protocol cannot be continued; pass another --results file")
         self.results.setdefault("_setup", {**here, "begun": time.strftime("%Y-%m-%d %H:%M")})
+        self._written: set[str] = set()  # the keys this driver ran (the only ones its saves write)
         ab.DEV_FRACTION = PROTOCOL["dev_fraction"]
         ab.BF16 = PROTOCOL["precision"] == "bf16"  # training, the peer and every evaluation
         from retriever.resolve import resolve_model
@@ -87,8 +92,23 @@ class Runner:
         self.train_examples, self.dev = ab.split()
 
     def save(self) -> None:
+        """Merge this driver's results into the file under an exclusive lock: another driver on other arms
+        may have saved since this one read it."""
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path, json.dumps(self.results, indent=2) + "\n")
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(self.path.read_text()) if self.path.exists() else {}
+            mine = {k: self.results[k] for k in self._written}  # another driver's keys: as it saved them
+            self.results = {"_setup": self.results["_setup"], **on_disk, **mine}
+            write_text_atomic(self.path, json.dumps(self.results, indent=2) + "\n")
+
+    def refresh(self) -> None:
+        """Read the runs other drivers saved (the dev choices of arms this driver does not run)."""
+        if self.path.exists():
+            on_disk = json.loads(self.path.read_text())
+            self.results = {**self.results, **on_disk, **{k: self.results[k] for k in self._written}}
 
     def chosen(self, arm: str) -> float:
         return chosen_lr(self.results, arm)
@@ -105,6 +125,7 @@ class Runner:
         if done is not None:  # trained in phase 1: keep that training time
             seconds = done["train_s"]
         scores = ab.evaluate(model_dir, self.dev, with_test=with_test, per_query=with_test)
+        self._written.add(k)
         self.results[k] = {**scores, "arm": arm, "lr": lr, "star_lr": star_lr, "seed": seed, "train_s": seconds,
                            "wall_s": time.perf_counter() - t0, "machine": machine(),
                            "finished": time.strftime("%Y-%m-%d %H:%M")}
@@ -112,21 +133,33 @@ class Runner:
         print(k, json.dumps({s: self.results[k][s] for s in ("dev", "test") if s in self.results[k]}), flush=True)
         return self.results[k]
 
-    def phase_dev(self) -> None:
-        for arm in ORDER:
+    def phase_dev(self, arms: list[str] | None = None) -> None:
+        for arm in _ordered(arms):
             for lr in PROTOCOL["grid"]:
+                if arm == "star-adore":
+                    self.refresh()  # its STAR stage takes the star arm's dev choice
                 self.run(arm, lr, PROTOCOL["tuning_seed"], with_test=False)
 
-    def phase_test(self) -> None:
+    def phase_test(self, arms: list[str] | None = None) -> None:
+        self.refresh()
         missing = [key(a, lr, PROTOCOL["tuning_seed"]) for a in ORDER for lr in PROTOCOL["grid"]
                    if key(a, lr, PROTOCOL["tuning_seed"]) not in self.results]
         if missing:
             raise SystemExit(f"phase 1 (dev) is not complete, {len(missing)} runs missing (first: {missing[0]}): "
                              "no test score before every choice is made")
-        self.run("zero-shot", None, 0, with_test=True)
-        for arm in ORDER:
+        if arms is None:
+            self.run("zero-shot", None, 0, with_test=True)
+        for arm in _ordered(arms):
             for seed in PROTOCOL["seeds"]:
                 self.run(arm, self.chosen(arm), seed, with_test=True)
+
+
+def _ordered(arms: list[str] | None) -> list[str]:
+    """``arms`` in protocol order (all of them by default); an unknown arm is refused."""
+    unknown = sorted(set(arms or ()) - set(ORDER))
+    if unknown:
+        raise SystemExit(f"unknown arms {unknown}; the protocol's arms are {ORDER}")
+    return [arm for arm in ORDER if arms is None or arm in arms]
 
 
 def report(results: dict) -> str:
@@ -178,15 +211,18 @@ def main() -> None:
                         help="every finished run, kept under version control so the protocol spans sessions")
     parser.add_argument("--phase", choices=["dev", "test", "report", "all"], default="all")
     parser.add_argument("--output", type=Path, default=ab.ROOT / "bench" / "results" / "ablation_protocol.md")
+    parser.add_argument("--arms", nargs="+", default=None, choices=ORDER,
+                        help="run only these arms (another driver may run the others at the same time)")
     args = parser.parse_args()
     os.environ.setdefault("NEGATRON_ENCODE_BACKEND", "torch")  # every arm's evaluation through the same encoder
     args.work.mkdir(parents=True, exist_ok=True)
     runner = Runner(args.work, args.results)
     if args.phase in ("dev", "all"):
-        runner.phase_dev()
+        runner.phase_dev(args.arms)
     if args.phase in ("test", "all"):
-        runner.phase_test()
+        runner.phase_test(args.arms)
     if args.phase in ("report", "all"):
+        runner.refresh()
         text = report(runner.results)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.output, text)

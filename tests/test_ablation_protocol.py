@@ -3,6 +3,7 @@ after every choice is made, the report's picks and paired tests computed from th
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def test_test_is_not_scored_before_every_dev_choice_is_made():
     grid = ap.PROTOCOL["grid"]
     runner.results = {ap.key(arm, lr, 42): {"dev": {"ndcg@10": 0.7}} for arm in ap.ORDER for lr in grid}
     del runner.results[ap.key("ar2", grid[-1], 42)]
+    runner.path, runner._written = Path("/nonexistent/results.json"), set()
     runner.run = lambda *a, **k: pytest.fail("a run started before phase 1 was complete")
     with pytest.raises(SystemExit, match="phase 1 .* not complete, 1 runs missing"):
         runner.phase_test()
@@ -81,3 +83,33 @@ def test_results_of_another_precision_are_not_continued(tmp_path):
     path.write_text('{"_setup": {"precision": "bf16", "dev_fraction": 0.2, "begun": "then"}}')
     with pytest.raises(SystemExit, match="begun with .*bf16.* another --results file"):
         ap.Runner(tmp_path / "work", path)
+
+
+def test_two_drivers_on_other_arms_never_overwrite_each_other(tmp_path, monkeypatch):
+    """`--arms` splits the runs between drivers; each save merges its own runs into the file, so a driver
+    holding an older copy of another driver's run does not write it back."""
+    path = tmp_path / "results.json"
+
+    def driver():
+        runner = ap.Runner.__new__(ap.Runner)
+        runner.path, runner._written = path, set()
+        runner.results = json.loads(path.read_text()) if path.exists() else {"_setup": {"precision": "fp32"}}
+        return runner
+
+    a, b = driver(), driver()
+    for runner, k, value in ((a, "inbatch@lr=1e-4/42", 1), (b, "star@lr=1e-4/42", 2)):
+        runner.results[k] = {"dev": value}
+        runner._written.add(k)
+        runner.save()
+    c = driver()  # reads both, then b adds the star run's test score
+    b.results["star@lr=1e-4/42"] = {"dev": 2, "test": 3}
+    b.save()
+    c.results["gist@lr=1e-4/42"] = {"dev": 4}
+    c._written.add("gist@lr=1e-4/42")
+    c.save()
+    saved = json.loads(path.read_text())
+    assert saved["star@lr=1e-4/42"] == {"dev": 2, "test": 3} and saved["inbatch@lr=1e-4/42"] == {"dev": 1}
+    assert saved["gist@lr=1e-4/42"] == {"dev": 4} and saved["_setup"] == {"precision": "fp32"}
+    assert ap._ordered(["ance", "inbatch"]) == ["inbatch", "ance"]
+    with pytest.raises(SystemExit, match="unknown arms"):
+        ap._ordered(["nope"])
