@@ -111,6 +111,11 @@ class Runner:
             self.results = {**self.results, **on_disk, **{k: self.results[k] for k in self._written}}
 
     def chosen(self, arm: str) -> float:
+        missing = [key(arm, lr, PROTOCOL["tuning_seed"]) for lr in PROTOCOL["grid"]
+                   if key(arm, lr, PROTOCOL["tuning_seed"]) not in self.results]
+        if missing:  # e.g. `--arms star-adore` before another driver has finished the star arm's dev runs
+            raise SystemExit(f"{arm}'s dev choice is not made yet ({missing[0]} has not run): run that arm's "
+                             "phase 1 first")
         return chosen_lr(self.results, arm)
 
     def run(self, arm: str, lr: float | None, seed: int, with_test: bool) -> dict:
@@ -147,8 +152,7 @@ class Runner:
         if missing:
             raise SystemExit(f"phase 1 (dev) is not complete, {len(missing)} runs missing (first: {missing[0]}): "
                              "no test score before every choice is made")
-        if arms is None:
-            self.run("zero-shot", None, 0, with_test=True)
+        self.run("zero-shot", None, 0, with_test=True)  # the report's baseline: whichever driver comes first
         for arm in _ordered(arms):
             for seed in PROTOCOL["seeds"]:
                 self.run(arm, self.chosen(arm), seed, with_test=True)

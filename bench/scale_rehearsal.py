@@ -398,21 +398,21 @@ def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: boo
 
 
 def keep_star_mining(run: Path) -> int:
-    """Clear an interrupted train-star run folder except what STAR's up-front mining finished (its partial
-    pool file and the warm-up index); returns the complete rows kept."""
+    """Clear an interrupted train-star run folder except what STAR's up-front mining made (the pool file and
+    its done marker, a partial pool, torchrun ranks' blocks, the warm-up index); returns the complete rows
+    kept (the whole pool's when its mining had finished)."""
     from retriever.negatives.star import POOL_FILE
 
-    keep = {POOL_FILE + ".partial", POOL_FILE + ".partial.json", "star-warmup-index"}
     if not run.is_dir():
         return 0
     for entry in run.iterdir():
-        if entry.name not in keep:
+        if not (entry.name.startswith(POOL_FILE) or entry.name == "star-warmup-index"):
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    partial = run / (POOL_FILE + ".partial")
-    if not partial.exists():
-        return 0
-    with open(partial, "rb") as fh:
-        return sum(1 for line in fh if line.endswith(b"\n"))
+    for name in (POOL_FILE, POOL_FILE + ".partial"):
+        if (run / name).exists():
+            with open(run / name, "rb") as fh:
+                return sum(1 for line in fh if line.endswith(b"\n"))
+    return 0
 
 
 def memory_bound(emb_fp16_mib: float, model_mib: float, roles: int = 1) -> float:

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from mining.miner import MiningConfig, mine, stats_path_for, write_training_jsonl
+from mining.miner import MiningConfig, mine, stats_path_for
 from mining.stats import MiningStats
 from retriever.io import atomic_write
 from retriever.resumable_jsonl import ResumableJsonl
@@ -27,8 +27,11 @@ def run_mining_job(output: Path, training: Sequence, docs, retriever, config: Mi
                    barrier=None, console=None) -> tuple[Path, Path, MiningStats] | None:
     """Mine ``training`` into ``output`` (and ``<output>.stats.json``). Returns ``(output, stats path,
     stats)`` on rank 0, ``None`` on the other ranks. ``barrier``: waits for every rank (world > 1)."""
-    n = len(training)
-    lo, hi = rank * n // world, (rank + 1) * n // world
+    n, chunk = len(training), config.query_batch_size
+    # blocks start on chunk boundaries: every chunk is the chunk one process would encode (query embeddings,
+    # and so near-ties in the ranking, depend on which queries share a padded batch)
+    chunks = -(-n // chunk)
+    lo, hi = rank * chunks // world * chunk, min(n, (rank + 1) * chunks // world * chunk)
     part = output if world == 1 else block_path(output, rank, world)
     stats = _mine_block(part, training, lo, hi, docs, retriever, config, scorer, {**fingerprint, "block": [rank, world, lo, hi]},
                         settings, seconds or {}, world, console, show_progress=rank == 0)
@@ -39,6 +42,10 @@ def run_mining_job(output: Path, training: Sequence, docs, retriever, config: Mi
         return None
     parts = [block_path(output, r, world) for r in range(world)]
     done = [part.with_name(part.name + ".done.json") for part in parts]
+    unseen = [str(path) for path in parts + done if not path.exists()]
+    if unseen:  # ranks on other machines wrote them where this one cannot read
+        raise FileNotFoundError(f"rank 0 cannot see the other ranks' blocks ({', '.join(unseen[:3])}): under "
+                                "torchrun on several machines, --output must be on a filesystem every rank shares")
     merged = MiningStats.merged([json.loads(d.read_text())["state"]["stats"] for d in done])
     with atomic_write(output, "wb") as fh:  # the blocks in rank order: the queries' order
         for part in parts:
@@ -76,13 +83,21 @@ def _mine_block(part: Path, training, lo: int, hi: int, docs, retriever, config:
     stats.settings = {**settings, "resumed_after_queries": done[0] or None}
     stats.seconds.update(seconds)
 
-    def counted(rows):
-        for row in rows:
-            done[0] += 1
-            yield row
-
+    # the state is saved at chunk ends only, so a resumed run's chunks are the uninterrupted run's chunks
     start = lo + done[0]
-    mined = counted(mine(training[start:hi], docs, retriever, config, scorer=scorer, stats=stats,
-                         show_progress=show_progress, first_position=start))
-    write_training_jsonl(part, mined, docs, stats, resumable=out, write_stats=world == 1)
+    try:
+        for mined in mine(training[start:hi], docs, retriever, config, scorer=scorer, stats=stats,
+                          show_progress=show_progress, first_position=start):
+            done[0] += 1
+            if mined.negative_ids:  # a query left without negatives gets no row
+                out.write(mined.to_row(docs))
+            if done[0] % config.query_batch_size == 0:
+                out.checkpoint()
+    except BaseException:
+        out.close()  # the rows so far stay for the next run
+        raise
+    stats.settings["rows_written"] = out.rows  # in the state a done marker keeps
+    out.finish()
+    if world == 1:
+        stats.write(stats_path_for(part))
     return stats

@@ -203,20 +203,30 @@ class RowIds(Sequence):
         return self.source[int(self.rows[i])]
 
 
-_ALIGNED: dict[tuple[int, int], bool] = {}
+_ALIGNED: dict[tuple[int, int], tuple] = {}
 
 
 def _rows_are_corpus_rows(hits: Sequence[str], corpus: Corpus) -> bool:
     """Whether ``hits`` carries index rows that are ``corpus`` rows (the index was encoded from this corpus,
-    in its order): same size and the same ids at a few spread rows. Checked once per (index, corpus)."""
+    in its order): same size and the same ids at 64 spread rows. Checked once per (ids, corpus) pair of live
+    objects (weak references: a freed object's address reused by another is not mistaken for it)."""
+    import weakref
+
     source = getattr(hits, "source", None)
     if source is None:
         return False
     key = (id(source), id(corpus))
-    if key not in _ALIGNED:
-        n = len(corpus)
-        _ALIGNED[key] = len(source) == n and all(str(source[r]) == str(corpus.ids[r]) for r in {0, n // 2, n - 1} if n)
-    return _ALIGNED[key]
+    cached = _ALIGNED.get(key)
+    if cached is not None and cached[0]() is source and cached[1]() is corpus:
+        return cached[2]
+    n = len(corpus)
+    rows = sorted({int(r) for r in np.linspace(0, n - 1, 64)}) if n else []
+    aligned = len(source) == n and all(str(source[r]) == str(corpus.ids[r]) for r in rows)
+    try:
+        _ALIGNED[key] = (weakref.ref(source), weakref.ref(corpus), aligned)
+    except TypeError:  # an object without weak references (a plain list): check it each time
+        pass
+    return aligned
 
 
 class DenseRetriever:
@@ -511,36 +521,19 @@ def _select(q: TrainingQuery, ids: list[str], scores: np.ndarray, q_pos: list[fl
 
 
 def write_training_jsonl(path: str | os.PathLike, mined: Iterator[MinedQuery], corpus: Corpus,
-                         stats: MiningStats, skip_empty: bool = True, resumable=None,
-                         write_stats: bool = True) -> tuple[Path, Path]:
-    """Stream mined rows into ``path`` atomically; write ``<path>.stats.json`` beside it (``write_stats``).
-
-    ``resumable``: a :class:`retriever.resumable_jsonl.ResumableJsonl` for ``path`` (opened, its kept rows
-    counted): rows are appended to its partial file, which takes ``path``'s name when ``mined`` is exhausted."""
+                         stats: MiningStats, skip_empty: bool = True) -> tuple[Path, Path]:
+    """Stream mined rows into ``path`` atomically; write ``<path>.stats.json`` beside it. (``negatron mine``
+    writes through :mod:`mining.job` instead, which survives a kill.)"""
     path = Path(path)
     written = 0
-    if resumable is not None:
-        try:
-            for m in mined:
-                if skip_empty and not m.negative_ids:
-                    continue
-                resumable.write(m.to_row(corpus))
-        except BaseException:
-            resumable.close()  # the rows so far stay for the next run
-            raise
-        written = stats.settings["rows_written"] = resumable.rows  # in the state a done marker keeps
-        resumable.finish()
-    else:
-        with atomic_write(path, "w") as fh:
-            for m in mined:
-                if skip_empty and not m.negative_ids:
-                    continue
-                fh.write(json.dumps(m.to_row(corpus), ensure_ascii=False) + "\n")
-                written += 1
+    with atomic_write(path, "w") as fh:
+        for m in mined:
+            if skip_empty and not m.negative_ids:
+                continue
+            fh.write(json.dumps(m.to_row(corpus), ensure_ascii=False) + "\n")
+            written += 1
     stats.settings["rows_written"] = written
-    stats_path = stats_path_for(path)
-    if write_stats:
-        stats.write(stats_path)
+    stats_path = stats.write(stats_path_for(path))
     return path, stats_path
 
 

@@ -373,7 +373,8 @@ class MiningService:
                                          range_min=req.range_min, range_max=range_max, pos_score=pos_scores[i],
                                          relative_margin=req.relative_margin, absolute_margin=req.absolute_margin)
             chosen = filt.kept if req.num_negatives is None else sample_negatives(filt.kept, req.num_negatives, req.sampling, rng)
-            names = cand.source.take(cand.rows[chosen]) if by_row else [cand[p] for p in chosen]
+            names = cand.source.take(cand.rows[chosen]) if by_row and hasattr(cand.source, "take") \
+                else [cand[p] for p in chosen]
             negs = [Negative(name, float(cand_scores[p]), int(p)) for name, p in zip(names, chosen)]
             doc_texts = None
             if req.with_texts:

@@ -33,6 +33,15 @@ class DistContext:
         return self.rank == 0
 
 
+def collective_timeout():
+    """How long a rank waits in a collective: ``NEGATRON_DIST_TIMEOUT_MIN`` minutes, default 180. The
+    defaults (10 min NCCL, 30 gloo) are too short for waits that are normal here: ranks waiting while rank 0
+    builds an IVF index over 8.8M passages, or while another rank finishes its share of a resumed mining job."""
+    from datetime import timedelta
+
+    return timedelta(minutes=float(os.environ.get("NEGATRON_DIST_TIMEOUT_MIN", "180")))
+
+
 def init_distributed() -> DistContext:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1); a no-op for a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -40,7 +49,7 @@ def init_distributed() -> DistContext:
         return DistContext()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=collective_timeout())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

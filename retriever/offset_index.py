@@ -42,7 +42,9 @@ _FILES = ("offsets", "id_bytes", "id_ends", "id_hashes", "id_rows")
 def text_key(text: str) -> int:
     """Stable signed 64-bit BLAKE2b of a text (a query, or a stripped passage): the key of the compact maps.
     Two different texts collide with probability ~n²/2⁶⁵ (~10⁻⁸ for 503k MS MARCO queries)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+    # surrogatepass: a lone surrogate (valid in JSON) hashes instead of failing; other texts are unchanged
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little",
+                          signed=True)
 
 
 def id_hash(doc_id: str) -> int:

@@ -33,7 +33,8 @@ class ResumableJsonl:
     """Append rows to ``path``'s partial file; :meth:`finish` renames it into place.
 
     ``sync_every_s`` (default :attr:`SYNC_EVERY_S`): rows are flushed and fsynced at most this often (and at
-    :meth:`finish`), so a kill loses at most that many seconds of rows. ``writer=False`` (the other ranks under torchrun): read the partial
+    :meth:`finish`), so a kill loses at most that many seconds of rows; a job with ``state`` syncs only at its
+    :meth:`checkpoint` calls. ``writer=False`` (the other ranks under torchrun): read the partial
     rows, write nothing. ``state``: called after each fsync; what it returns is saved with the row count and
     comes back as :attr:`resumed_state` (the job continues from there). ``done_marker``: see the module."""
 
@@ -69,9 +70,10 @@ class ResumableJsonl:
             return None
         return saved.get("state") or {}
 
-    def kept_rows(self) -> Iterator[dict]:
-        """The complete rows of an interrupted run with the same fingerprint (none otherwise); a partial file
-        of another fingerprint is removed, with a log line saying why."""
+    def kept_rows(self, limit: int | None = None) -> Iterator[dict]:
+        """The complete rows of an interrupted run with the same fingerprint (none otherwise; at most ``limit``:
+        :meth:`open` cuts off the others); a partial file of another fingerprint is removed, with a log line
+        saying why."""
         if not self.partial.exists() or not self.meta.exists():
             return
         try:
@@ -86,18 +88,20 @@ class ResumableJsonl:
             if self.writer:
                 self._discard()
             return
-        limit = None
+        covered = None  # rows the saved state covers (jobs with state)
         if self.state is not None:
             try:
                 saved = json.loads(self.state_file.read_text())
-                limit, self.resumed_state = int(saved["rows"]), saved["state"]
+                covered, self.resumed_state = int(saved["rows"]), saved["state"]
             except (OSError, ValueError, KeyError, TypeError):
-                limit = 0  # killed before the first state: nothing to continue from
-            if limit == 0:
+                covered = 0  # killed before the first state: nothing to continue from
+            if covered == 0:
                 self.resumed_state = None
+        caps = [c for c in (covered, limit) if c is not None]
+        cap = min(caps) if caps else None
         with open(self.partial, "rb") as fh:
             for lineno, line in enumerate(fh, 1):
-                if not line.endswith(b"\n") or (limit is not None and lineno > limit):
+                if not line.endswith(b"\n") or (cap is not None and lineno > cap):
                     break  # torn by the kill, or past the last saved state: cut off when writing resumes
                 try:
                     row = json.loads(line)
@@ -106,9 +110,16 @@ class ResumableJsonl:
                                      f"{self.meta} to start the job anew") from None
                 self.resumed_rows += 1
                 yield row
-        if limit is not None and self.resumed_rows < limit:  # the state is ahead of the rows: trust neither
-            logger.warning("%s: %d rows, its state says %d; starting anew", self.partial, self.resumed_rows, limit)
+        if covered is not None and self.resumed_rows < covered:  # the state is ahead of the rows: trust neither
+            logger.warning("%s: %d rows, its state says %d; starting anew", self.partial, self.resumed_rows, covered)
             self.resumed_rows, self.resumed_state = 0, None
+
+    def complete_rows(self) -> int:
+        """Complete lines in the partial file (0 without one), without parsing them."""
+        if not self.partial.exists():
+            return 0
+        with open(self.partial, "rb") as fh:
+            return sum(1 for line in fh if line.endswith(b"\n"))
 
     def open(self) -> "ResumableJsonl":
         """Start writing after the kept rows (call after :meth:`kept_rows` is exhausted)."""
@@ -133,7 +144,13 @@ class ResumableJsonl:
             return
         self._fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.rows += 1
-        if time.monotonic() - self._synced >= self.sync_every_s:
+        if self.state is None and time.monotonic() - self._synced >= self.sync_every_s:
+            self._sync()
+
+    def checkpoint(self, force: bool = False) -> None:
+        """A job with ``state`` calls this where its state and rows agree (e.g. after a whole chunk of
+        queries): rows are fsynced and the state saved, at most every ``sync_every_s`` unless ``force``."""
+        if self._fh is not None and (force or time.monotonic() - self._synced >= self.sync_every_s):
             self._sync()
 
     def finish(self) -> Path:

@@ -19,6 +19,7 @@ def _job(path, fingerprint, rows, state=None, done_marker=False, kill_after=None
             return out, kept
         written[0] += 1
         out.write(row)
+        out.checkpoint()  # a job with state saves it where rows and state agree; a stateless one ignores this
     out.finish()
     return out, kept
 
@@ -70,3 +71,12 @@ def test_a_finished_block_is_skipped_by_its_done_marker(tmp_path):
     assert ResumableJsonl(path, {"a": 1}, done_marker=True).finished() == {"written": 10}
     assert ResumableJsonl(path, {"a": 2}, done_marker=True).finished() is None
     assert ResumableJsonl(path, {"a": 1}).finished() is None  # only jobs that ask for the marker
+
+
+def test_kept_rows_can_be_capped_and_the_rest_is_cut_off(tmp_path):
+    path = tmp_path / "out.jsonl"
+    _job(path, {"a": 1}, ROWS, kill_after=7)
+    out = ResumableJsonl(path, {"a": 1})
+    assert out.complete_rows() == 7 and list(out.kept_rows(limit=4)) == ROWS[:4]
+    out.open()
+    assert len((tmp_path / "out.jsonl.partial").read_text().splitlines()) == 4

@@ -107,3 +107,9 @@ def test_resumed_mining_keeps_the_partial_pool_and_warmup_index(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == [
         "star-hard-negatives.jsonl.partial", "star-hard-negatives.jsonl.partial.json", "star-warmup-index"]
     assert sr.keep_star_mining(tmp_path / "absent") == 0
+    # a run killed after its mining (in training): the finished pool and its done marker stay
+    (run / "star-hard-negatives.jsonl").write_text('{"query": "a", "neg_ids": ["1"]}\n' * 5)
+    (run / "star-hard-negatives.jsonl.done.json").write_text("{}\n")
+    (run / "checkpoint-200").mkdir()
+    assert sr.keep_star_mining(run) == 5 and not (run / "checkpoint-200").exists()
+    assert (run / "star-hard-negatives.jsonl.done.json").exists()

@@ -207,26 +207,33 @@ def test_star_keeps_hard_negatives_as_int_rows_and_reads_texts_at_collate(mini, 
     assert strategy.negatives_for(own, np.random.default_rng(0))[0] in {"n1", "n2"}
 
 
+def _mined_up_front(options, ds, examples, warmup, work):
+    """A STAR strategy whose pool ``setup`` mined up front with ``warmup`` into ``work``."""
+    strategy = STARNegatives(options)
+    strategy.corpus = ds.corpus
+    strategy.setup(examples, warmup, work)
+    return strategy
+
+
 def test_star_mining_killed_midway_keeps_its_rows_and_mines_only_the_rest(mini, tmp_path, monkeypatch):
     """A run killed while mining up front leaves its rows in ``star-hard-negatives.jsonl.partial``; the next
-    run of the folder keeps them (a torn last line cut off), searches the same warm-up index, mines only the
-    other queries, and ends with the pool and file of an uninterrupted run. Other options start anew."""
+    run of the folder keeps its whole chunks of queries (a torn last line and a part chunk cut off), searches
+    the same warm-up index, mines only the other queries, and ends with the pool and file of an uninterrupted
+    run. Other options start anew."""
     import mining.miner as miner
     from index.faiss_index import DenseIndex
     from retriever.modeling import BiEncoder
     from retriever.negatives.star import POOL_FILE
 
     folder, model = mini
+    _small_mining_chunks(monkeypatch)
     ds = load_beir(folder, "train")
     examples = training_examples_from_qrels(ds.queries, ds.qrels, ds.corpus)
     options = {"range_min": 0, "range_max": 30, "mine_pool": 10}
     warmup = BiEncoder.from_pretrained(model)
 
     def star(work):
-        strategy = STARNegatives(options)
-        strategy.corpus = ds.corpus
-        strategy.setup(examples, warmup, work)
-        return strategy
+        return _mined_up_front(options, ds, examples, warmup, work)
 
     whole = star(tmp_path / "whole")
     expected = (tmp_path / "whole" / POOL_FILE).read_text()
@@ -261,7 +268,7 @@ def test_star_mining_killed_midway_keeps_its_rows_and_mines_only_the_rest(mini, 
     monkeypatch.setattr(miner, "mine", killed_after(10**9))
     resumed = star(work)
     assert builds == [1], "the warm-up index was rebuilt instead of reused"
-    assert len(mined_queries) == len({ex.query for ex in examples}) - 7
+    assert len(mined_queries) == len({ex.query for ex in examples}) - 4  # the whole first chunk of 4 kept
     assert resumed.mined_up_front == whole.mined_up_front
     assert (work / POOL_FILE).read_text() == expected and not partial.exists()
     for ex in examples:
@@ -278,12 +285,29 @@ def test_star_mining_killed_midway_keeps_its_rows_and_mines_only_the_rest(mini, 
     assert len(mined_queries) == len({ex.query for ex in examples})
 
 
+def _small_mining_chunks(monkeypatch=None, size=4):
+    """Mine in chunks of ``size`` queries (the default 256 exceeds the test data): resume points and torchrun
+    blocks fall on chunk boundaries."""
+    import mining.miner as miner
+
+    made = miner.MiningConfig
+
+    def config(**kw):
+        return made(**{**kw, "query_batch_size": size})
+    if monkeypatch is None:
+        miner.MiningConfig = config
+    else:
+        monkeypatch.setattr(miner, "MiningConfig", config)
+
+
 def _star_rank(rank, port, folder, model, work, out):
     import os
 
     import torch
 
     from retriever.modeling import BiEncoder
+
+    _small_mining_chunks()
 
     os.environ.update({"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)})
@@ -300,7 +324,7 @@ def _star_rank(rank, port, folder, model, work, out):
     torch.distributed.destroy_process_group()
 
 
-def test_under_torchrun_each_rank_mines_a_block_and_every_rank_gets_the_whole_pool(mini, tmp_path):
+def test_under_torchrun_each_rank_mines_a_block_and_every_rank_gets_the_whole_pool(mini, tmp_path, monkeypatch):
     """Two ranks split the up-front mining; both end with the single process's pool, and rank 0 writes its
     pool file."""
     import socket
@@ -311,6 +335,7 @@ def test_under_torchrun_each_rank_mines_a_block_and_every_rank_gets_the_whole_po
     from retriever.negatives.star import POOL_FILE
 
     folder, model = mini
+    _small_mining_chunks(monkeypatch)
     ds = load_beir(folder, "train")
     examples = training_examples_from_qrels(ds.queries, ds.qrels, ds.corpus)
     single = STARNegatives({"range_min": 0, "range_max": 30, "mine_pool": 10})
@@ -326,4 +351,32 @@ def test_under_torchrun_each_rank_mines_a_block_and_every_rank_gets_the_whole_po
         got = json.loads((tmp_path / f"rank-{rank}.json").read_text())
         assert got["pools"] == expected and got["mined"] == single.mined_up_front
     assert (tmp_path / "two" / POOL_FILE).read_text() == (tmp_path / "one" / POOL_FILE).read_text()
-    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.is_file()) == [POOL_FILE]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.is_file()) == [POOL_FILE, POOL_FILE + ".done.json"]
+
+
+def test_a_finished_pool_of_the_same_job_is_read_not_mined_again(mini, tmp_path, monkeypatch):
+    """A run killed after its mining (during training) is re-run fresh: the pool file of the same warm-up
+    weights, corpus, options and queries (its done marker says so) is read back; other options mine anew."""
+    import mining.miner as miner
+    from retriever.modeling import BiEncoder
+    from retriever.negatives.star import POOL_FILE
+
+    folder, model = mini
+    ds = load_beir(folder, "train")
+    examples = training_examples_from_qrels(ds.queries, ds.qrels, ds.corpus)
+    warmup = BiEncoder.from_pretrained(model)
+
+    def star(options):
+        return _mined_up_front(options, ds, examples, warmup, tmp_path)
+
+    first = star({"range_min": 0, "range_max": 30, "mine_pool": 10})
+    assert (tmp_path / (POOL_FILE + ".done.json")).exists()
+    real = miner.mine
+    monkeypatch.setattr(miner, "mine", lambda *a, **k: pytest.fail("mined again"))
+    again = star({"range_min": 0, "range_max": 30, "mine_pool": 10})
+    assert again.mined_up_front == first.mined_up_front
+    assert all(again.hard_texts(ex.query) == first.hard_texts(ex.query) for ex in examples)
+    calls = []
+    monkeypatch.setattr(miner, "mine", lambda *a, **k: calls.append(1) or real(*a, **k))
+    star({"range_min": 0, "range_max": 30, "mine_pool": 12})
+    assert calls

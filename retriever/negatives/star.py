@@ -181,8 +181,9 @@ class STARNegatives(NegativeStrategy):
         from index.encode import _rank_world, model_fingerprint
         from mining.miner import MiningConfig
 
+        from retriever.io import write_text_atomic
         from retriever.modeling import BiEncoder
-        from retriever.resumable_jsonl import fingerprint_texts
+        from retriever.resumable_jsonl import ResumableJsonl, fingerprint_texts
 
         warmup = model
         if self.options.warmup_model:  # on the training device: encoding the corpus is the costly part
@@ -203,15 +204,26 @@ class STARNegatives(NegativeStrategy):
             "queries": [len(indices), fingerprint_texts(lambda: (examples[i].query for i in indices))],
         }
         rank, world = _rank_world()
+        mined_before = pool_file is not None and ResumableJsonl(pool_file, fingerprint, done_marker=True).finished() is not None
+        if _every_rank(mined_before):  # decided together: the ranks then all read, or all mine
+            logger.info("STAR: %s was mined by the same warm-up model from the same corpus, options and queries; "
+                        "reading it", pool_file)
+            self._read_rows(pool_file, pool)  # a run killed after its mining (e.g. in training) is re-run
+            return
         if world == 1 or pool_file is None:
             self._mine_block(examples, indices, warmup, folder, config, pool_file, fingerprint, pool, world)
             return
-        n = len(indices)
-        lo, hi = rank * n // world, (rank + 1) * n // world
+        n, chunk = len(indices), config.query_batch_size
+        chunks = -(-n // chunk)  # blocks start on chunk boundaries: each chunk is the one process's chunk
+        lo, hi = rank * chunks // world * chunk, min(n, (rank + 1) * chunks // world * chunk)
         parts = [pool_file.with_name(f"{pool_file.name}.rank{r}-of-{world}") for r in range(world)]
         self._mine_block(examples, indices[lo:hi], warmup, folder, config, parts[rank],
                          {**fingerprint, "block": [rank, world, lo, hi]}, pool, world)
         _wait_for_all_ranks()  # every block is finished
+        if not _every_rank(all(part.exists() for part in parts)):  # fail together, never hang in a barrier
+            raise RuntimeError(f"STAR under torchrun: a rank cannot see the other ranks' blocks of {pool_file}; "
+                               "the run folder must be on a filesystem every rank shares (or mine first with "
+                               "`negatron mine` and pass the file as negatives.options.mined)")
         for r, part in enumerate(parts):
             if r != rank:
                 self._read_rows(part, pool)
@@ -223,6 +235,8 @@ class STARNegatives(NegativeStrategy):
                 for part in parts:
                     with open(part, "rb") as src:
                         shutil.copyfileobj(src, fh, 1 << 20)
+            write_text_atomic(pool_file.with_name(pool_file.name + ".done.json"),
+                              json.dumps({"fingerprint": json.loads(json.dumps(fingerprint)), "state": None}) + "\n")
             for part in parts:
                 part.unlink(missing_ok=True)
                 part.with_name(part.name + ".done.json").unlink(missing_ok=True)
@@ -245,14 +259,17 @@ class STARNegatives(NegativeStrategy):
 
         from retriever.resumable_jsonl import ResumableJsonl
 
-        out = ResumableJsonl(out_file, fingerprint, done_marker=world > 1) if out_file is not None else None
+        out = ResumableJsonl(out_file, fingerprint, done_marker=True) if out_file is not None else None
         resumed = False
         if out is not None and out.finished() is not None:  # this rank's block was finished before a kill
             self._read_rows(out_file, pool)
             indices = []
         elif out is not None:
+            # keep whole chunks only: the rest is mined again in the chunk one process would have encoded
+            # (query embeddings, and so near-ties in the ranking, depend on which queries share a padded batch)
+            whole = out.complete_rows() // config.query_batch_size * config.query_batch_size
             done = set()
-            for row in out.kept_rows():
+            for row in out.kept_rows(limit=whole):
                 key = text_key(row["query"])
                 pool.add(key, self.corpus.rows(row["neg_ids"]))
                 done.add(key)
@@ -333,6 +350,11 @@ def _wait_for_all_ranks() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _every_rank(flag: bool) -> bool:
+    """``flag`` and-ed over the torchrun ranks."""
+    return not _any_rank(not flag)
 
 
 def _any_rank(flag: bool) -> bool:
