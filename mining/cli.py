@@ -54,7 +54,10 @@ def mine_command(
     fp32: bool = typer.Option(False, "--fp32", help="encode in fp32 instead of bf16 autocast"),
     backend: str = typer.Option("auto", "--backend", help="inference backend for every encoding of this run: auto (OpenVINO when installed, on a CPU: for bf16, and for bulk fp32 where the CPU has no native bf16), torch or openvino"),
 ) -> None:
-    """Mine hard negatives for training queries into FlagEmbedding training JSONL."""
+    """Mine hard negatives for training queries into FlagEmbedding training JSONL.
+
+    A killed run continues where it stopped when the same command is run again (rows are kept in <output>.partial);
+    under torchrun each rank mines a block of the queries."""
     import time
 
     from index.openvino_backend import encode_backend, resolve_backend
