@@ -60,8 +60,8 @@ class ResumableJsonl:
     def finished(self) -> dict | None:
         """With ``done_marker``: the final state (``{}`` without ``state``) when an earlier run of the same job
         finished ``path``, else None (then mine as usual: :meth:`kept_rows`, :meth:`open`, ...)."""
-        if self.done_file is None or not (self.done_file.exists() and self.path.exists()):
-            return None
+        if self.done_file is None or not (self.done_file.exists() and self.path.exists()) or self.partial.exists():
+            return None  # a partial beside it: killed between the marker and the rename, the file is older
         try:
             saved = json.loads(self.done_file.read_text())
         except ValueError:
@@ -74,6 +74,8 @@ class ResumableJsonl:
         """The complete rows of an interrupted run with the same fingerprint (none otherwise; at most ``limit``:
         :meth:`open` cuts off the others); a partial file of another fingerprint is removed, with a log line
         saying why."""
+        if limit is not None and self.state is not None:
+            raise ValueError("a job with state keeps the rows its state covers: no limit")
         if not self.partial.exists() or not self.meta.exists():
             return
         try:
@@ -135,7 +137,8 @@ class ResumableJsonl:
             self._discard()
             write_text_atomic(self.meta, json.dumps(self.fingerprint, indent=2) + "\n")
             self.partial.write_bytes(b"")
-        self._fh = open(self.partial, "a", encoding="utf-8")
+        # backslashreplace: a lone surrogate (valid in JSON text) inside a string becomes its JSON escape
+        self._fh = open(self.partial, "a", encoding="utf-8", errors="backslashreplace")
         self._synced = time.monotonic()
         return self
 
@@ -206,6 +209,6 @@ def fingerprint_texts(texts: Callable[[], Iterator[str]]) -> str:
 
     h = hashlib.blake2b(digest_size=16)
     for text in texts():
-        h.update(text.encode("utf-8"))
+        h.update(text.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
     return h.hexdigest()

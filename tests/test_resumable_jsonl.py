@@ -3,6 +3,8 @@ rows of another job."""
 
 import json
 
+import pytest
+
 from retriever.resumable_jsonl import ResumableJsonl
 
 
@@ -80,3 +82,18 @@ def test_kept_rows_can_be_capped_and_the_rest_is_cut_off(tmp_path):
     assert out.complete_rows() == 7 and list(out.kept_rows(limit=4)) == ROWS[:4]
     out.open()
     assert len((tmp_path / "out.jsonl.partial").read_text().splitlines()) == 4
+
+
+def test_a_marker_beside_a_partial_is_not_trusted_and_lone_surrogates_are_written(tmp_path):
+    """Killed between writing the done marker and the rename: the file there is an older one."""
+    path = tmp_path / "out.jsonl"
+    _job(path, {"a": 1}, ROWS, done_marker=True)  # an older, finished file
+    _job(path, {"a": 2}, [{"s": "\ud800 lone"}] * 5, done_marker=True, kill_after=3)
+    (tmp_path / "out.jsonl.done.json").write_text(json.dumps({"fingerprint": {"a": 2}, "state": None}))
+    out = ResumableJsonl(path, {"a": 2}, done_marker=True)
+    assert out.finished() is None
+    assert list(out.kept_rows()) == [{"s": "\ud800 lone"}] * 3
+    out.open().finish()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"s": "\ud800 lone"}] * 3
+    with pytest.raises(ValueError, match="no limit"):
+        list(ResumableJsonl(path, {"a": 2}, state=lambda: {}).kept_rows(limit=1))

@@ -201,7 +201,9 @@ class STARNegatives(NegativeStrategy):
             "corpus": [str(Path(self.corpus.path).resolve()), stat.st_size, stat.st_mtime_ns, len(self.corpus)],
             "mining": {"range_min": self.options.range_min, "range_max": self.options.range_max,
                        "mine_pool": self.options.mine_pool, "index": self.options.index.model_dump(mode="json")},
-            "queries": [len(indices), fingerprint_texts(lambda: (examples[i].query for i in indices))],
+            # the queries and their positives (mining drops a query's positives from its pool)
+            "queries": [len(indices), fingerprint_texts(lambda: (
+                f"{ex.query}\t{'|'.join(ex.positive_ids or ex.positives)}" for ex in map(examples.__getitem__, indices)))],
         }
         rank, world = _rank_world()
         mined_before = pool_file is not None and ResumableJsonl(pool_file, fingerprint, done_marker=True).finished() is not None
