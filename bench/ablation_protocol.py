@@ -166,6 +166,15 @@ def _ordered(arms: list[str] | None) -> list[str]:
     return [arm for arm in ORDER if arms is None or arm in arms]
 
 
+def _train_seconds(runs: list[dict]) -> str:
+    """Mean training seconds over the runs whose training was timed (``train_s`` null: trained by a driver
+    that was stopped before saving the run, so its time was not measured; the count then says so)."""
+    timed = [r["train_s"] for r in runs if r.get("train_s") is not None]
+    if not timed:
+        return "not measured"
+    return f"{np.mean(timed):.0f}" + (f" (timed {len(timed)} of {len(runs)})" if len(timed) < len(runs) else "")
+
+
 def report(results: dict) -> str:
     from eval.significance import compare_per_query
 
@@ -194,7 +203,7 @@ def report(results: dict) -> str:
             sweep = f"{runs[0]['lr']:g} ({', '.join(f'{v:.4f}' for v in sweep_scores)})"
         lines.append(f"| {arm} | {sweep} | {cell(runs, 'dev', 'ndcg@10')} | {cell(runs, 'test', 'ndcg@10')} | "
                      f"{cell(runs, 'test', 'mrr@10')} | {cell(runs, 'test', 'recall@100')} | "
-                     f"{np.mean([r['train_s'] for r in runs]):.0f} |")
+                     f"{_train_seconds(runs)} |")
         queries = runs[0]["test_per_query"].keys()
         per_query[arm] = {q: {"ndcg@10": float(np.mean([r["test_per_query"][q] for r in runs]))} for q in queries}
     ours = [a for a in ORDER if a != PROTOCOL["peer"]]

@@ -113,3 +113,9 @@ def test_two_drivers_on_other_arms_never_overwrite_each_other(tmp_path, monkeypa
     assert ap._ordered(["ance", "inbatch"]) == ["inbatch", "ance"]
     with pytest.raises(SystemExit, match="unknown arms"):
         ap._ordered(["nope"])
+
+
+def test_untimed_training_is_left_out_of_the_mean_and_said():
+    runs = [{"train_s": 100.0}, {"train_s": None}, {"train_s": 200.0}]
+    assert ap._train_seconds(runs) == "150 (timed 2 of 3)"
+    assert ap._train_seconds([{"train_s": 10.0}]) == "10" and ap._train_seconds([{"train_s": None}]) == "not measured"
