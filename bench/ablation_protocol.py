@@ -89,6 +89,7 @@ class Runner:
         from retriever.resolve import resolve_model
         for model in (ab.MODEL, ab.GIST_GUIDE):  # fail now, not hours later at the gist arm
             resolve_model(model, require=True)
+        _import_every_arms_code()
         self.train_examples, self.dev = ab.split()
 
     def save(self) -> None:
@@ -156,6 +157,20 @@ class Runner:
         for arm in _ordered(arms):
             for seed in PROTOCOL["seeds"]:
                 self.run(arm, self.chosen(arm), seed, with_test=True)
+
+
+def _import_every_arms_code() -> None:
+    """Import now what the arms import when they start: the driver runs for hours, and a module an arm first
+    imports after the library was edited would be the new version next to old ones already loaded (on
+    2026-12-07 the ance arm died so: mining.miner, new, imported a name the old retriever.offset_index lacked)."""
+    import importlib
+
+    for name in ("retriever.negatives", "retriever.negatives.ance", "retriever.negatives.ar2",
+                 "retriever.negatives.adore", "retriever.negatives.gist", "retriever.negatives.star",
+                 "retriever.negatives.tasb", "retriever.pipeline", "retriever.trainer", "retriever.ranker",
+                 "retriever.ranker_train", "mining.miner", "mining.service", "mining.job", "index.bm25",
+                 "index.encode", "index.faiss_index", "eval.beir", "eval.significance"):
+        importlib.import_module(name)
 
 
 def _ordered(arms: list[str] | None) -> list[str]:
