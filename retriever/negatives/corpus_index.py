@@ -211,7 +211,8 @@ def _matching_index(folder: Path, store, factory: str, options: IndexOptions):
         return None
     same = (saved.get("checkpoint_hash") == store.manifest.get("checkpoint_hash") and saved.get("count") == store.count
             and saved.get("requested_factory") == factory and saved.get("metric") == "ip"
-            and saved.get("embeddings") == str(Path(store.folder).resolve()))
+            and saved.get("embeddings") == str(Path(store.folder).resolve())
+            and (options.train_sample is None or saved.get("train_sample") in (None, min(store.count, options.train_sample))))
     if not same:
         logger.info("index: %s was built from other embeddings or settings; rebuilding", folder)
         return None

@@ -262,7 +262,6 @@ class STARNegatives(NegativeStrategy):
         from retriever.resumable_jsonl import ResumableJsonl
 
         out = ResumableJsonl(out_file, fingerprint, done_marker=True) if out_file is not None else None
-        resumed = False
         if out is not None and out.finished() is not None:  # this rank's block was finished before a kill
             self._read_rows(out_file, pool)
             indices = []
@@ -279,13 +278,13 @@ class STARNegatives(NegativeStrategy):
                 logger.info("STAR: %d of %d queries were mined by the interrupted run in %s; mining the rest",
                             len(done), len(indices), out.partial)
                 indices = [i for i in indices if text_key(examples[i].query) not in done]
-                resumed = True
             self.mined_up_front += len(done)
         logger.info("STAR: mining hard negatives for %d queries with the warm-up model", len(indices))
-        # the warm-up index is built by every rank together (a collective under torchrun), or by none
-        need_index, resumed = _any_rank(bool(indices)), _any_rank(resumed)
-        if need_index:
-            dense, _ = build_index(warmup, self.corpus, folder, options=self.options.index, reuse_index=resumed)
+        # the warm-up index is built by every rank together (a collective under torchrun), or by none; one this
+        # folder already holds, built from the same embeddings with the same factory, is loaded instead (a run
+        # killed after building it, e.g. 15 min of IVF at 8.8M on a CPU, before any mined row was synced)
+        if _any_rank(bool(indices)):
+            dense, _ = build_index(warmup, self.corpus, folder, options=self.options.index, reuse_index=True)
         if not indices:
             if out is not None and out.finished() is None:  # killed after the last row, before the rename
                 out.open().finish()
