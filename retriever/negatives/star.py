@@ -149,8 +149,9 @@ class STARNegatives(NegativeStrategy):
             found.add(text_key(ex.query))
         return found
 
-    def _load_pool(self, path: Path, wanted: set[int], pool: KeyedRows) -> None:
-        """The pool a previous (interrupted) run of this folder mined with the starting model."""
+    def _load_pool(self, path: Path, wanted: set[int] | None, pool: KeyedRows) -> int:
+        """Pool lines of ``path`` (those of ``wanted`` query keys; all when None) into ``pool``: a pool this
+        folder mined before (a resumed run, a finished pool, another rank's block). Returns the lines read."""
         n = 0
         with open(path, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -161,7 +162,7 @@ class STARNegatives(NegativeStrategy):
                     raise ValueError(f"{path}:{lineno}: not a STAR pool line ({exc}); delete the file to mine "
                                      "again with the starting model") from None
                 key = text_key(query)
-                if key in wanted:
+                if wanted is None or key in wanted:
                     rows = self.corpus.rows(ids)
                     if (rows < 0).any():
                         raise ValueError(f"{path}:{lineno}: ids not in {self.corpus.path}; delete the file to mine "
@@ -169,6 +170,7 @@ class STARNegatives(NegativeStrategy):
                     pool.add(key, rows)
                     n += 1
         logger.info("STAR: read the mined pool of %d queries from %s", n, path)
+        return n
 
     def _mine(self, examples, indices: list[int], model, folder: Path, device, pool_file: Path | None,
               pool: KeyedRows) -> None:
@@ -244,12 +246,7 @@ class STARNegatives(NegativeStrategy):
                 part.with_name(part.name + ".done.json").unlink(missing_ok=True)
 
     def _read_rows(self, path: Path, pool: KeyedRows) -> int:
-        n = 0
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                row = json.loads(line)
-                pool.add(text_key(row["query"]), self.corpus.rows(row["neg_ids"]))
-                n += 1
+        n = self._load_pool(path, None, pool)
         self.mined_up_front += n
         return n
 
