@@ -27,11 +27,7 @@ def run_mining_job(output: Path, training: Sequence, docs, retriever, config: Mi
                    barrier=None, console=None) -> tuple[Path, Path, MiningStats] | None:
     """Mine ``training`` into ``output`` (and ``<output>.stats.json``). Returns ``(output, stats path,
     stats)`` on rank 0, ``None`` on the other ranks. ``barrier``: waits for every rank (world > 1)."""
-    n, chunk = len(training), config.query_batch_size
-    # blocks start on chunk boundaries: every chunk is the chunk one process would encode (query embeddings,
-    # and so near-ties in the ranking, depend on which queries share a padded batch)
-    chunks = -(-n // chunk)
-    lo, hi = rank * chunks // world * chunk, min(n, (rank + 1) * chunks // world * chunk)
+    lo, hi = chunk_block(len(training), config.query_batch_size, rank, world)
     part = output if world == 1 else block_path(output, rank, world)
     stats = _mine_block(part, training, lo, hi, docs, retriever, config, scorer, {**fingerprint, "block": [rank, world, lo, hi]},
                         settings, seconds or {}, world, console, show_progress=rank == 0)
@@ -56,6 +52,14 @@ def run_mining_job(output: Path, training: Sequence, docs, retriever, config: Mi
     for path in parts + done:
         path.unlink(missing_ok=True)
     return output, stats_path, merged
+
+
+def chunk_block(n: int, chunk: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous block ``[lo, hi)`` of ``n`` queries, on ``chunk`` boundaries: every chunk is the
+    chunk one process would encode (query embeddings, and so near-ties in the ranking, depend on which queries
+    share a padded batch)."""
+    chunks = -(-n // chunk)
+    return rank * chunks // world * chunk, min(n, (rank + 1) * chunks // world * chunk)
 
 
 def block_path(output: Path, rank: int, world: int) -> Path:

@@ -217,9 +217,9 @@ class STARNegatives(NegativeStrategy):
         if world == 1 or pool_file is None:
             self._mine_block(examples, indices, warmup, folder, config, pool_file, fingerprint, pool, world)
             return
-        n, chunk = len(indices), config.query_batch_size
-        chunks = -(-n // chunk)  # blocks start on chunk boundaries: each chunk is the one process's chunk
-        lo, hi = rank * chunks // world * chunk, min(n, (rank + 1) * chunks // world * chunk)
+        from mining.job import chunk_block
+
+        lo, hi = chunk_block(len(indices), config.query_batch_size, rank, world)
         parts = [pool_file.with_name(f"{pool_file.name}.rank{r}-of-{world}") for r in range(world)]
         self._mine_block(examples, indices[lo:hi], warmup, folder, config, parts[rank],
                          {**fingerprint, "block": [rank, world, lo, hi]}, pool, world)
