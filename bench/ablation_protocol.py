@@ -51,6 +51,9 @@ PROTOCOL = {
                "tasb": 2, "st-mnrl": 2},
     "peer": "st-mnrl",
     "precision": "fp32",  # amended 2026-12-07 before the fp32 series' first run (docs/benchmarks.md)
+    # Amended 2026-12-07 (fifth session), from ance onwards: a checkpoint every 5 steps, so a run cut by a
+    # session's end resumes exactly instead of starting over. It changes no trained weight (exact resume).
+    "checkpoint_every": 5,
 }
 ORDER = ["inbatch", "st-mnrl", "tasb", "bm25", "star", "star-adore", "gist", "ance", "ar2"]  # star before star-adore
 
@@ -86,6 +89,7 @@ class Runner:
         self._written: set[str] = set()  # the keys this driver ran (the only ones its saves write)
         ab.DEV_FRACTION = PROTOCOL["dev_fraction"]
         ab.BF16 = PROTOCOL["precision"] == "bf16"  # training, the peer and every evaluation
+        ab.CHECKPOINT_EVERY = PROTOCOL["checkpoint_every"]
         from retriever.resolve import resolve_model
         for model in (ab.MODEL, ab.GIST_GUIDE):  # fail now, not hours later at the gist arm
             resolve_model(model, require=True)
@@ -126,13 +130,18 @@ class Runner:
             return done
         star_lr = self.chosen("star") if arm == "star-adore" else None
         t0 = time.perf_counter()
+        ab.RESUMED.clear()
         model_dir, seconds = ab.run_arm(arm, self.work / f"seed-{seed}", self.train_examples, seed, lr,
                                         PROTOCOL["epochs"].get(arm), star_lr)
+        timing = {"train_s": seconds}
         if done is not None:  # trained in phase 1: keep that training time
-            seconds = done["train_s"]
+            timing = {k: done[k] for k in ("train_s", "train_s_note") if k in done}
+        elif ab.RESUMED:  # only the part after the last checkpoint was timed
+            timing = {"train_s": None, "train_s_note": "resumed from a checkpoint of an earlier session "
+                      f"({', '.join(p.name for p in ab.RESUMED)}): training time not measured in one piece"}
         scores = ab.evaluate(model_dir, self.dev, with_test=with_test, per_query=with_test)
         self._written.add(k)
-        self.results[k] = {**scores, "arm": arm, "lr": lr, "star_lr": star_lr, "seed": seed, "train_s": seconds,
+        self.results[k] = {**scores, "arm": arm, "lr": lr, "star_lr": star_lr, "seed": seed, **timing,
                            "wall_s": time.perf_counter() - t0, "machine": machine(),
                            "finished": time.strftime("%Y-%m-%d %H:%M")}
         self.save()

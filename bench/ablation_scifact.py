@@ -56,6 +56,10 @@ ATTENTION_DROPOUT: float | str | None = None  # --attention-dropout: None leaves
 QUERY_MAX_LENGTH = 64  # --query-max-length (the peer truncates queries at the model's 256)
 WEIGHT_DECAY: float | None = None  # --weight-decay: None leaves the config default (0.01; the peer's is 0)
 SAMPLER: str | None = None  # --sampler: the inbatch arm's data.sampler; None leaves the config default (random)
+# Checkpoint every N optimizer steps (keeping the last): a run cut by a session's end resumes exactly where it
+# stopped (tests/test_resume_matrix.py) instead of starting over. None: only the final model.
+CHECKPOINT_EVERY: int | None = None
+RESUMED: list[Path] = []  # run folders that `train` continued from a checkpoint (their timings are partial)
 ARMS = ["zero-shot", "inbatch", "bm25", "star", "star-adore", "gist", "ar2", "ance", "tasb", "st-mnrl"]
 
 
@@ -64,6 +68,8 @@ def base_config(strategy: str, seed: int, options: dict | None = None, data: dic
          "bf16": BF16, "seed": seed, "log_every": 5}
     if WEIGHT_DECAY is not None:
         t["weight_decay"] = WEIGHT_DECAY
+    if CHECKPOINT_EVERY is not None:
+        t.update(save_every=CHECKPOINT_EVERY, keep_last=1)
     t.update(training)
     model = {"name": MODEL, "query_max_length": QUERY_MAX_LENGTH, "doc_max_length": 256}
     if ATTENTION_DROPOUT is not None:
@@ -74,11 +80,14 @@ def base_config(strategy: str, seed: int, options: dict | None = None, data: dic
 
 
 def train(cfg: dict, out: Path) -> Path:
+    from retriever.checkpoint import list_checkpoints
     from retriever.config import TrainConfig
     from retriever.trainer import train as run
 
     if (out / "final").exists():
         return out / "final"
+    if out.exists() and list_checkpoints(out):
+        RESUMED.append(out)
     return run(TrainConfig.model_validate(cfg), out, resume=out.exists())
 
 

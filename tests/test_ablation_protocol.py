@@ -119,3 +119,45 @@ def test_untimed_training_is_left_out_of_the_mean_and_said():
     runs = [{"train_s": 100.0}, {"train_s": None}, {"train_s": 200.0}]
     assert ap._train_seconds(runs) == "150 (timed 2 of 3)"
     assert ap._train_seconds([{"train_s": 10.0}]) == "10" and ap._train_seconds([{"train_s": None}]) == "not measured"
+
+
+def test_a_run_resumed_from_a_checkpoint_keeps_its_score_but_not_a_partial_training_time(tmp_path, monkeypatch):
+    """Runs checkpoint every few steps, so one cut by a session's end resumes; the time measured after the
+    resume is only part of its training, so it is recorded as not measured, with the reason."""
+    import ablation_scifact as ab
+    import retriever.trainer
+
+    calls = []
+    monkeypatch.setattr(retriever.trainer, "train", lambda cfg, out, resume: calls.append(resume) or out / "final")
+    monkeypatch.setattr(ab, "RESUMED", [])
+    fresh, cut = tmp_path / "fresh", tmp_path / "cut"
+    (cut / "checkpoints" / "step-0000005").mkdir(parents=True)
+    (cut / "checkpoints" / "step-0000005" / "position.json").write_text("{}")
+    import retriever.config
+
+    monkeypatch.setattr(retriever.config.TrainConfig, "model_validate", staticmethod(lambda cfg: cfg))
+    ab.train({}, fresh)
+    assert ab.RESUMED == []
+    ab.train({}, cut)
+    assert ab.RESUMED == [cut] and calls == [False, True]
+
+    runner = ap.Runner.__new__(ap.Runner)
+    runner.path, runner._written, runner.work = tmp_path / "results.json", set(), tmp_path
+    runner.results, runner.train_examples, runner.dev = {"_setup": {"precision": "fp32"}}, [], []
+
+    def run_arm(arm, work, examples, seed, lr, epochs, star_lr):
+        if arm == "ance":
+            ab.RESUMED.append(work / "ance@lr=3e-05,epochs=2")
+        return "model", 123.0
+
+    monkeypatch.setattr(ab, "run_arm", run_arm)
+    monkeypatch.setattr(ab, "evaluate", lambda *a, **k: {"dev": {"ndcg@10": 0.7}})
+    monkeypatch.setattr(ap, "machine", lambda: "cpu x")
+    resumed = runner.run("ance", 3e-5, 42, with_test=False)
+    assert resumed["train_s"] is None and "resumed from a checkpoint" in resumed["train_s_note"]
+    assert resumed["dev"] == {"ndcg@10": 0.7}
+    whole = runner.run("ar2", 3e-5, 42, with_test=False)
+    assert whole["train_s"] == 123.0 and "train_s_note" not in whole
+    assert ap.PROTOCOL["checkpoint_every"] and ab.base_config("inbatch", 42)["training"].get("save_every") is None
+    monkeypatch.setattr(ab, "CHECKPOINT_EVERY", ap.PROTOCOL["checkpoint_every"])
+    assert ab.base_config("inbatch", 42)["training"]["save_every"] == ap.PROTOCOL["checkpoint_every"]

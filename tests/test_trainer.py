@@ -43,11 +43,11 @@ def run(step_fn, model, batch, **kw):
     return loss, grads(model)
 
 
-def assert_same_grads(a, b, atol):
+def assert_same_grads(a, b, atol, rtol=1e-4):
     assert a.keys() == b.keys() and a
     for name in a:
         diff = (a[name] - b[name]).abs().max().item()
-        assert diff <= atol + 1e-4 * b[name].abs().max().item(), (name, diff)
+        assert diff <= atol + rtol * b[name].abs().max().item(), (name, diff)
 
 
 def test_grad_cache_matches_plain_step_over_several_chunks(tiny_model_dir, batch):
@@ -56,8 +56,9 @@ def test_grad_cache_matches_plain_step_over_several_chunks(tiny_model_dir, batch
     loss_plain, g_plain = run(plain_step, model, batch)
     loss_gc, g_gc = run(grad_cache_step, model, batch, chunk_size=3)
     assert abs(loss_plain - loss_gc) < 1e-5
-    # fp32 sums in a different order in chunks (AVX-512 kernels: ~3e-6 on gradients of ~1e-2)
-    assert_same_grads(g_plain, g_gc, atol=5e-6)
+    # fp32 sums in a different order in chunks: ~3e-6 on gradients of ~1e-2 here, 6.6e-6 on the CI CPU
+    # (stop 25). A chunking bug errs by the gradient's own size, ~1e-2: 1e-3 relative still catches it.
+    assert_same_grads(g_plain, g_gc, atol=5e-6, rtol=1e-3)
 
 
 def test_grad_cache_replays_dropout_masks(tiny_model_dir, batch):
