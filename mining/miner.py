@@ -383,6 +383,9 @@ class MinedQuery:
     scorer_positive_scores: list[float] | None = None
     scorer_negative_scores: list[float] | None = None
     teacher: bool = False  # the scorer's scores are the row's pos_scores/neg_scores (`--scorer ranker:R`)
+    # the negatives' corpus rows when the index's rows are the corpus's (dense hits): STAR keeps rows, and
+    # turning the ids back into rows cost as much as the search at 8.8M
+    negative_rows: np.ndarray | None = None
 
     def to_row(self, corpus: Corpus) -> dict:
         q = self.query
@@ -513,6 +516,8 @@ def _select(q: TrainingQuery, ids: list[str], scores: np.ndarray, q_pos: list[fl
     names = ids.source.take(ids.rows[chosen]) if isinstance(ids, RowIds) and hasattr(ids.source, "take") \
         else [ids[p] for p in chosen]
     mined = MinedQuery(q, q_pos, names, [float(scores[p]) for p in chosen], [int(p) for p in chosen])
+    if isinstance(ids, RowIds) and _rows_are_corpus_rows(ids, corpus):
+        mined.negative_rows = ids.rows[np.asarray(chosen, dtype=np.int64)]
     if scorer is not None:
         mined.scorer_negative_scores = [result.scorer_scores[int(p)] for p in chosen]
         mined.scorer_positive_scores = [float(s) for s in scorer.score(q.text, q.positive_texts)]

@@ -161,11 +161,22 @@ class OffsetIndex:
         return None
 
     def rows(self, doc_ids: Sequence[str]) -> np.ndarray:
-        """Rows of many ids at once (int64, -1 for an unknown id)."""
-        out = np.empty(len(doc_ids), dtype=np.int64)
-        for i, d in enumerate(doc_ids):
-            r = self.row(d)
-            out[i] = -1 if r is None else r
+        """Rows of many ids at once (int64, -1 for an unknown id): one vectorised hash search and one id
+        gather to confirm the matches (a Python lookup per id was 45 % of STAR's mining time at 8.8M)."""
+        ids = doc_ids if isinstance(doc_ids, list) else list(doc_ids)
+        out = np.full(len(ids), -1, dtype=np.int64)
+        if not ids or not len(self._hashes):
+            return out
+        h = np.fromiter((id_hash(d) for d in ids), dtype=np.uint64, count=len(ids))
+        j = np.minimum(np.searchsorted(self._hashes, h, side="left"), len(self._hashes) - 1)
+        hit = np.flatnonzero(np.asarray(self._hashes[j]) == h)
+        found = np.asarray(self._rows[j[hit]], dtype=np.int64)
+        for i, r, name in zip(hit.tolist(), found.tolist(), self.ids.take(found)):
+            if name == ids[i]:
+                out[i] = r
+            else:  # another id with the same hash comes first: walk the run of equal hashes
+                r = self.row(ids[i])
+                out[i] = -1 if r is None else r
         return out
 
     def text_keys(self, texts: Callable[[], Iterator[str]]) -> np.ndarray:

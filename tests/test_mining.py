@@ -76,6 +76,8 @@ def test_positives_excluded_ranks_in_window_scores_exact(setup):
     for m, qe in zip(mined, q_emb):
         assert not set(m.negative_ids) & set(m.query.positive_ids)
         assert len(m.negative_ids) == len(set(m.negative_ids)) == 4
+        # the index was encoded from this corpus: the rows come along, equal to the ids' rows
+        assert m.negative_rows.tolist() == setup["corpus"].rows(m.negative_ids).tolist()
         assert all(config.range_min <= r < config.range_max for r in m.negative_ranks)
         assert m.negative_ranks == sorted(m.negative_ranks)
         # scores are the index's inner products, positives scored the same way (fp16 store)

@@ -39,6 +39,9 @@ def test_ids_behave_like_the_list_they_replace(tmp_path):
     assert corpus.ids[-1] == "doc-69999" and corpus.ids[3:5] == ["doc-3", "doc-4"] and len(corpus.ids) == 70_000
     assert "doc-65536" in corpus and "doc-70000" not in corpus and 5 not in corpus
     assert corpus.rows(["doc-9", "nope", "doc-65537"]).tolist() == [9, -1, 65537]
+    asked = [f"doc-{i}" for i in np.random.default_rng(0).integers(0, 71_000, 5_000)]
+    assert corpus.rows(iter(asked)).tolist() == [int(d[4:]) if int(d[4:]) < 70_000 else -1 for d in asked]
+    assert corpus.rows([]).tolist() == []
     with pytest.raises(KeyError, match="'nope' is not in"):
         corpus.row("nope")
     with pytest.raises(IndexError):
@@ -49,6 +52,8 @@ def test_hash_collisions_are_resolved_by_comparing_ids(tmp_path, monkeypatch):
     monkeypatch.setattr(offset_index, "id_hash", lambda doc_id: 7)  # every id collides
     corpus = Corpus(_corpus_file(tmp_path / "c.jsonl", n=50))
     assert [corpus.row(f"doc-{i}") for i in range(50)] == list(range(50)) and "doc-50" not in corpus
+    asked = [f"doc-{i}" for i in (49, 0, 17, 17)] + ["doc-50", ""]  # the batch path walks the same runs
+    assert corpus.rows(asked).tolist() == [49, 0, 17, 17, -1, -1]
     dup = tmp_path / "d.tsv"
     dup.write_text("a\tx\nb\ty\nc\tz\nb\tw\n")
     with pytest.raises(DataError, match=r"d\.tsv:4: duplicate document id 'b' \(first seen on line 2\)"):

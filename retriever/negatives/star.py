@@ -291,7 +291,8 @@ class STARNegatives(NegativeStrategy):
         try:
             for mined in mine(training_queries(examples, indices), self.corpus, DenseRetriever(dense, warmup), config):
                 ids = list(mined.negative_ids)
-                pool.add(text_key(mined.query.text), self.corpus.rows(ids))
+                rows = mined.negative_rows if mined.negative_rows is not None else self.corpus.rows(ids)
+                pool.add(text_key(mined.query.text), rows)
                 if out is not None:
                     out.write({"query": mined.query.text, "neg_ids": ids})
                 self.mined_up_front += 1
