@@ -117,6 +117,17 @@ def _open_corpus(corpus) -> Corpus:
     return Corpus(resolve_corpus_path(corpus))
 
 
+def encode_or_resume(model, corpus, output_dir, **options) -> EmbeddingStore:
+    """:func:`encode_corpus` into a working folder of the caller's own (an index refresh's): the shards an
+    interrupted encode of the same model and corpus left there are kept, anything else there is replaced
+    (never use it on a folder a user named: their embeddings are not overwritten silently)."""
+    try:
+        return encode_corpus(model, corpus, output_dir, **options)
+    except DataError as exc:
+        logger.info("%s holds other embeddings (%s); encoding anew", output_dir, exc.problem)
+        return encode_corpus(model, corpus, output_dir, overwrite=True, **options)
+
+
 def encode_corpus(model, corpus, output_dir, *, batch_size: int | None = None, bf16: bool | None = None,
                   shard_size: int | None = None, show_progress: bool = True, dtype: str = "float16",
                   overwrite: bool = False, distributed: bool = True, backend: str | None = None,

@@ -502,7 +502,7 @@ class MiningService:
                 (checkpoint_path,), self._pending = self._pending, None
 
     def _rebuild(self, checkpoint_path) -> None:
-        from index.encode import encode_corpus
+        from index.encode import encode_or_resume
         from index.faiss_index import DenseIndex
 
         from retriever.modeling import BiEncoder
@@ -515,12 +515,18 @@ class MiningService:
             raise MiningRequestError("the service was given a model object, so a refresh needs checkpoint_path")
         version = max(self._versions_seen) + 1
         folder = self.work_dir / f"v{version}"
-        shutil.rmtree(folder, ignore_errors=True)  # leftover of a crashed build
+        # a killed build's leftovers go, except the shards its encode finished: a build of the same weights
+        # (a resumed ANCE run refreshing from the same snapshot) keeps them, others are replaced
+        for leftover in folder.iterdir() if folder.is_dir() else ():
+            if leftover.is_dir() and leftover.name != "embeddings":
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif not leftover.is_dir():
+                leftover.unlink()
         t0 = time.perf_counter()
         model = BiEncoder.from_pretrained(model_path)
         model.to(self.device)
-        store = encode_corpus(model, self.corpus, folder / "embeddings", batch_size=self.batch_size, bf16=self.bf16,
-                              show_progress=False, distributed=False)
+        store = encode_or_resume(model, self.corpus, folder / "embeddings", batch_size=self.batch_size,
+                                 bf16=self.bf16, show_progress=False, distributed=False)
         self._serve_from_disk()  # the old version's private copy goes before the new one is built
         # built from the memory-mapped float16 shards and served as built: no second read of the written file
         dense = DenseIndex.build(store, folder / "index", distributed=False, **self._build_settings)

@@ -297,3 +297,47 @@ def test_refresh_rebuilds_with_the_served_index_settings(env, tmp_path):
         svc.close()
     assert svc.version == 2
     assert (built["factory"], built["metric"], built["nprobe"], built["train_sample"]) == ("IVF2,Flat", "cosine", 2, 60)
+
+
+def test_a_killed_refresh_keeps_its_finished_shards_and_replaces_another_models(env, tmp_path, monkeypatch):
+    """A refresh killed mid-encode leaves ``v<N>/embeddings`` with some shards; the next build of the same
+    weights into that folder encodes only the missing shards (an 8.8M re-encode outlives a session), while a
+    leftover of other weights is encoded anew, never served."""
+    import numpy as np
+
+    import index.encode as encode_module
+    from index.encode import encode_corpus
+    from index.store import EmbeddingStore, shard_name
+    from retriever.modeling import BiEncoder
+
+    newer = env["root"] / "run" / "checkpoints" / "step-100" / "model"
+    folder = tmp_path / "versions" / "v2"
+    encode_corpus(BiEncoder.from_pretrained(str(newer)), env["data"], folder / "embeddings", shard_size=20,
+                  show_progress=False, distributed=False)
+    expected = EmbeddingStore.open(folder / "embeddings").load_all()
+    for i in (1, 3):  # the kill came before these two shards were written
+        (folder / "embeddings" / shard_name(i)).unlink()
+    (folder / ".index.abc.tmp").mkdir()  # and during nothing else: a half-built index folder goes
+    encoded = []
+    real = encode_module._encode
+    monkeypatch.setattr(encode_module, "_encode", lambda model, texts, *a, **k: encoded.append(len(texts)) or real(model, texts, *a, **k))
+    svc = MiningService(env["index"], env["model"], corpus=env["data"], work_dir=tmp_path / "versions")
+    try:
+        assert svc.refresh(newer, block=True) and svc.version == 2
+        assert encoded == [20, 20]  # shards 1 and 3 only
+        np.testing.assert_array_equal(EmbeddingStore.open(folder / "embeddings").load_all(), expected)
+        assert not (folder / ".index.abc.tmp").exists()
+        served = svc.mine(["dense retrieval vectors"], k=10, num_negatives=10)[0]
+
+        # the same folder number left by another model's build (the starting model's vectors here)
+        other = tmp_path / "versions" / "v3"
+        encode_corpus(BiEncoder.from_pretrained(env["model"]), env["data"], other / "embeddings", shard_size=20,
+                      show_progress=False, distributed=False)
+        encoded.clear()
+        assert svc.refresh(newer, block=True) and svc.version == 3
+        assert sum(encoded) == 80  # every document encoded again, by the newer weights
+        np.testing.assert_array_equal(EmbeddingStore.open(other / "embeddings").load_all(), expected)
+        again = svc.mine(["dense retrieval vectors"], k=10, num_negatives=10)[0]
+        assert [n.doc_id for n in again.negatives] == [n.doc_id for n in served.negatives]
+    finally:
+        svc.close()

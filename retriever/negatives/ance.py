@@ -160,8 +160,10 @@ class ANCENegatives(NegativeStrategy):
         self.service.refresh(snapshot, block=True, catch_up=True)
 
     def _start_service(self, snapshot: Path, version: int) -> None:
-        """Encode the corpus with ``snapshot`` (always: an index left by an earlier run may come from
-        another model) and serve it as ``version``."""
+        """Serve ``snapshot``'s index of the corpus as ``version``. A resumed run finds the folder its first
+        part built: the embeddings are kept only when they come from these very weights (the fingerprint; an
+        index left by an earlier run may come from another model) and so is the index built from them; an
+        encode cut by the kill continues from its finished shards. Anything else is re-encoded."""
         from mining.service import MiningService
 
         from retriever.checkpoint import preserved_rng
@@ -169,13 +171,13 @@ class ANCENegatives(NegativeStrategy):
         from retriever.modeling import BiEncoder
 
         index_dir = self.work_dir / f"index-v{version}"
-        shutil.rmtree(index_dir, ignore_errors=True)
         device = str(self.trainer.device)
         with preserved_rng():
             model = BiEncoder.from_pretrained(snapshot).to(device)
             build_index(model, Corpus(self.corpus_file), index_dir, batch_size=self.options.encode_batch_size,
                         bf16=self.trainer.bf16, distributed=False, options=self.options.index,
-                        reuse_embeddings=snapshot.name == "step-0")  # the initial weights; later ones are newer
+                        reuse_embeddings=snapshot.name == "step-0",  # the initial weights; later ones are newer
+                        reuse_index=True, replace_stale=True)
         # the service loads the snapshot itself (its path names the step the version was built from)
         self.service = MiningService(index_dir / "index", str(snapshot), corpus=self.corpus_file,
                                      work_dir=self.work_dir / "versions", device=device,

@@ -167,7 +167,7 @@ def training_queries(examples: Sequence[TrainingExample], indices: Sequence[int]
 
 def build_index(model, corpus: Corpus, folder: Path, batch_size: int | None = None, bf16: bool | None = None,
                 distributed: bool = True, options: IndexOptions | dict | None = None, reuse_embeddings: bool = True,
-                reuse_index: bool = False):
+                reuse_index: bool = False, replace_stale: bool = False):
     """Encode ``corpus`` with ``model``'s document tower and build an inner-product FAISS index with the
     settings of ``options`` (:class:`IndexOptions`; default: ``factory: auto``).
 
@@ -177,16 +177,19 @@ def build_index(model, corpus: Corpus, folder: Path, batch_size: int | None = No
     alone (a caller that runs only on the main process). ``reuse_index``: load ``folder/index`` instead of
     building it when it was built from these embeddings with these settings (a job resumed after a kill keeps
     searching the index its first part searched; IVF training is not bit-reproducible across thread counts).
+    ``replace_stale``: ``folder/embeddings`` holding another model's vectors is re-encoded instead of refused
+    (a working folder of the caller's; a user's ``options.embeddings`` folder is never replaced).
     """
-    from index.encode import encode_corpus
+    from index.encode import encode_corpus, encode_or_resume
     from index.faiss_index import DenseIndex
 
     options = options if isinstance(options, IndexOptions) else IndexOptions.model_validate(options or {})
     embeddings = Path(options.embeddings) if options.embeddings and reuse_embeddings else folder / "embeddings"
     if embeddings != folder / "embeddings":
         logger.info("index: embeddings from %s (negatives.options.index.embeddings)", embeddings)
-    store = encode_corpus(model, corpus, embeddings, batch_size=batch_size, bf16=bf16, show_progress=False,
-                          distributed=distributed)
+    encode = encode_or_resume if replace_stale and embeddings == folder / "embeddings" else encode_corpus
+    store = encode(model, corpus, embeddings, batch_size=batch_size, bf16=bf16, show_progress=False,
+                   distributed=distributed)
     factory = resolve_factory(options, store.count, store.dim)
     if reuse_index:
         kept = _matching_index(folder / "index", store, factory, options)
