@@ -302,12 +302,17 @@ def _encode_cmd(model: Path, corpus: Path, emb: Path, threads: int, ranks: int,
 def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: bool = False,
              stages: Sequence[str] | None = None, timeout: float | None = None, encode_ranks: int = 1,
              mine_limit: int | None = None, reuse_embeddings: bool = False, resume_encode: bool = False,
-             resume_mining: bool = False) -> dict:
+             resume_mining: bool = False, resume_training: bool = False, resume_refresh: bool = False) -> dict:
     """Run ``stages`` (default :data:`DEFAULT_STAGES`, in plan order; a list given runs in its own order)
     on ``n`` passages. ``resume_encode``: the encode stage keeps the finished shards of an interrupted earlier
     run in ``work`` (its row then says how many it found, and its wall time covers this run only).
     ``resume_mining``: the train-star stage keeps the rows STAR's up-front mining wrote before an interruption
-    and its warm-up index (``resumed_queries`` in the row; its checkpoints and logs are cleared)."""
+    and its warm-up index (``resumed_queries`` in the row; its checkpoints and logs are cleared).
+    ``resume_training``: a train stage whose run folder holds a checkpoint continues from it (``negatron
+    train --resume``; ``resumed_from_step`` in the row): ANCE checkpoints every quarter of its steps, so a run
+    killed in its refresh, hours of re-encoding at 8.8M, keeps them and the refresh's finished shards.
+    ``resume_refresh``: serve keeps the shards its interrupted refresh encoded, and the IVF index it serves
+    when a complete one of this size is there (the index-ivf stage is then skipped, its row is an earlier run's)."""
     if reuse_embeddings and {"eval", "mine"} & set(stages or DEFAULT_STAGES):
         # the folder is then encoded at the train stages' length, and eval/mine search it with the model's own
         raise ValueError("--reuse-embeddings encodes the corpus at the train stages' doc_max_length; run eval "
@@ -352,7 +357,10 @@ def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: boo
         ("train-inbatch", _train_cmd(work, model, "inbatch", steps, threads, qrels_data), [work / "run-inbatch"]),
         ("train-triples", _train_cmd(work, model, "hard", steps, threads, {"triples": data / "triples.train.small.tsv"}),
          [work / "run-hard"]),
-        *[(f"train-{name}", _train_cmd(work, model, name, steps, threads, qrels_data, options), [work / f"run-{name}"])
+        # ANCE checkpoints every quarter of its steps: its refresh re-encodes the corpus, hours at 8.8M
+        *[(f"train-{name}", _train_cmd(work, model, name, steps, threads, qrels_data, options,
+                                        save_every=max(1, steps // 4) if name == "ance" else None),
+           [work / f"run-{name}"])
           for name, options in _strategy_options(steps, emb if reuse_embeddings else None).items()],
         ("eval", _cli("eval", "msmarco", "--model", model, "--collection", data / "collection.tsv",
                       "--queries", data / "queries.dev.small.tsv", "--qrels", data / "qrels.dev.small.tsv",
@@ -363,24 +371,31 @@ def rehearse(n: int, cache: Path, work: Path, steps: int, threads: int, gpu: boo
     ordered = [step for step in plan if step[0] in want] if stages is None or isinstance(stages, set) \
         else [by_name[name] for name in stages if name in by_name]
     for name, cmd, outputs in ordered:
-        resumed = None
+        resumed, resumed_key = None, "resumed_shards"
         if name == "encode" and resume_encode:
             resumed = len(list(emb.glob("shard-*.npy"))) if emb.is_dir() else 0
         if name == "train-star" and resume_mining:
-            resumed = keep_star_mining(work / "run-star")
+            resumed, resumed_key = keep_star_mining(work / "run-star"), "resumed_queries"
+        elif name.startswith("train-") and resume_training:
+            resumed = newest_checkpoint_step(outputs[0])
+            if resumed is not None:
+                cmd, resumed_key = [*cmd, "--resume"], "resumed_from_step"
+        if name == "index-ivf" and resume_refresh and complete_index(ix_ivf, n):
+            print(json.dumps({"stage": name, "kept": str(ix_ivf)}), flush=True)
+            continue
         for out in outputs:
             if out.is_dir() and name != "read" and resumed is None:
                 shutil.rmtree(out)
         row = run_stage(name, cmd, outputs, env, work / f"{name}.log", timeout=timeout)
         row["passages"] = n
         if resumed is not None:
-            row["resumed_queries" if name == "train-star" else "resumed_shards"] = resumed
+            row[resumed_key] = resumed
         if name == "mine":
             row["queries"] = sum(1 for _ in open(mine_queries, encoding="utf-8"))
         rows.append(row)
         print(json.dumps(row), flush=True)
     if "serve" in want:
-        row = run_serve_stage(work, model, data, ix_ivf, env)
+        row = run_serve_stage(work, model, data, ix_ivf, env, resume=resume_refresh)
         row["passages"] = n
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -415,6 +430,26 @@ def keep_star_mining(run: Path) -> int:
     return 0
 
 
+def newest_checkpoint_step(run: Path) -> int | None:
+    """The step of the newest complete checkpoint in a train stage's run folder (None: nothing to resume)."""
+    from retriever.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run) if run.is_dir() else []
+    return int(found[-1].name.split("-")[-1]) if found else None
+
+
+def complete_index(folder: Path, n: int) -> bool:
+    """Whether ``folder`` holds a finished index of ``n`` vectors (the build writes its folder atomically, so
+    one with a manifest is complete; the file's size is checked against it too)."""
+    from index.faiss_index import INDEX_FILE
+
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        return manifest.get("count") == n and (folder / INDEX_FILE).stat().st_size == manifest.get("index_bytes")
+    except (OSError, ValueError):
+        return False
+
+
 def memory_bound(emb_fp16_mib: float, model_mib: float, roles: int = 1) -> float:
     """The issue's bound: 1.5 x the fp16 embedding matrix + (the model + CONSTANT_MIB) per role (a process,
     or a trainer and an encoder sharing one)."""
@@ -422,7 +457,7 @@ def memory_bound(emb_fp16_mib: float, model_mib: float, roles: int = 1) -> float
 
 
 def _train_cmd(work: Path, model: Path, strategy: str, steps: int, threads: int, data: dict,
-               options: dict | None = None, name: str | None = None) -> list[str]:
+               options: dict | None = None, name: str | None = None, save_every: int | None = None) -> list[str]:
     import yaml
 
     name = name or strategy
@@ -431,7 +466,8 @@ def _train_cmd(work: Path, model: Path, strategy: str, steps: int, threads: int,
         "data": {k: str(v) for k, v in data.items()},
         "negatives": {"strategy": strategy, **({"options": options} if options else {})},
         "training": {"learning_rate": 1e-4, "batch_size": 32, "max_steps": steps, "warmup_ratio": 0.1,
-                     "bf16": False, "seed": 42, "log_every": 50, "num_threads": threads},
+                     "bf16": False, "seed": 42, "log_every": 50, "num_threads": threads,
+                     **({"save_every": save_every, "keep_last": 1} if save_every else {})},
     }
     path = work / f"train-{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -459,9 +495,10 @@ import json, sys, threading, time
 import numpy as np
 from mining.client import MiningClient
 url, queries_path, clients, requests = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+max_refresh_s = float(sys.argv[5])
 queries = [line.split('\t', 1)[1].strip() for line in open(queries_path, encoding='utf-8')][:20000]
 lat, versions, failures, during = [], [], [], [0]
-refreshing = threading.Event()
+refreshing, finished = threading.Event(), threading.Event()
 with MiningClient(url, timeout=600) as admin:
     deadline = time.monotonic() + 900
     while True:
@@ -473,7 +510,13 @@ with MiningClient(url, timeout=600) as admin:
     def loop(worker):
         rng = np.random.default_rng(worker)
         with MiningClient(url, timeout=600) as c:
-            for _ in range(requests):
+            sent = 0
+            # `requests` back to back, then one a second for as long as the refresh runs (at 8.8M that is
+            # hours: the load must span it, without starving the re-encode of the CPU it shares)
+            while sent < requests or not finished.is_set():
+                if sent >= requests:
+                    time.sleep(1.0)
+                sent += 1
                 t = time.perf_counter()
                 try:
                     [r] = c.mine([queries[int(rng.integers(len(queries)))]], k=50, range_min=5, num_negatives=5)
@@ -488,8 +531,8 @@ with MiningClient(url, timeout=600) as admin:
     while refresh_s is None or any(t.is_alive() for t in threads):
         st = admin.status()
         if refresh_s is None and not st['refresh_in_progress'] and st['version'] >= 2:
-            refresh_s = time.perf_counter() - t0; refreshing.clear()
-        if time.monotonic() > deadline + 3600: break
+            refresh_s = time.perf_counter() - t0; refreshing.clear(); finished.set()
+        if time.perf_counter() - t0 > max_refresh_s: finished.set(); break
         time.sleep(0.2)
     for t in threads: t.join()
     final = admin.status()
@@ -504,16 +547,20 @@ sys.exit(0 if not failures and final['version'] >= 2 else 1)
 
 
 def run_serve_stage(work: Path, model: Path, data: Path, index: Path, env: dict, clients: int = 4,
-                    requests: int = 200) -> dict:
+                    requests: int = 200, resume: bool = False, max_refresh_s: float = 12 * 3600) -> dict:
     """``negatron serve`` under load from ``clients`` concurrent clients while one refresh re-encodes the
-    corpus, rebuilds and swaps: the server's peak RSS (its process tree) and the load's latencies."""
+    corpus, rebuilds and swaps: the server's peak RSS (its process tree) and the load's latencies.
+    ``resume``: keep the shards an interrupted run's refresh encoded (the service resumes a build of the same
+    weights); the row then says how many, and its times cover this run only."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     versions = work / "serve-versions"
-    shutil.rmtree(versions, ignore_errors=True)
+    kept = len(list(versions.glob("v*/embeddings/shard-*.npy"))) if resume else None
+    if not resume:
+        shutil.rmtree(versions, ignore_errors=True)
     server_log = open(work / "serve-server.log", "w")
     server = subprocess.Popen(_cli("serve", "--index", index, "--model", model, "--corpus", data / "collection.tsv",
                                    "--port", port, "--work-dir", versions),
@@ -522,7 +569,7 @@ def run_serve_stage(work: Path, model: Path, data: Path, index: Path, env: dict,
     started = time.perf_counter()
     try:
         load = subprocess.run([sys.executable, "-c", _SERVE_LOAD_SCRIPT, f"http://127.0.0.1:{port}",
-                               data / "queries.train.tsv", str(clients), str(requests)],
+                               data / "queries.train.tsv", str(clients), str(requests), str(max_refresh_s)],
                               capture_output=True, text=True, env=env, cwd=ROOT)
     finally:
         peak.stop()
@@ -535,8 +582,11 @@ def run_serve_stage(work: Path, model: Path, data: Path, index: Path, env: dict,
     if load.returncode != 0:
         raise RuntimeError(f"stage serve failed: {load.stdout[-2000:]}{load.stderr[-2000:]}")
     stats = json.loads(load.stdout.strip().splitlines()[-1])
-    return {"stage": "serve + refresh under load", "wall_s": round(time.perf_counter() - started, 2),
-            "peak_rss_mib": round(peak.bytes / 2**20, 1), "disk_mib": round(_du(versions) / 2**20, 2), **stats}
+    row = {"stage": "serve + refresh under load", "wall_s": round(time.perf_counter() - started, 2),
+           "peak_rss_mib": round(peak.bytes / 2**20, 1), "disk_mib": round(_du(versions) / 2**20, 2), **stats}
+    if kept is not None:
+        row["resumed_shards"] = kept
+    return row
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -597,11 +647,16 @@ def main(argv=None) -> int:
     ap.add_argument("--resume-mining", action="store_true",
                     help="train-star keeps the rows its up-front mining wrote before an interruption in --work "
                          "(and its warm-up index) and mines only the rest")
+    ap.add_argument("--resume-training", action="store_true",
+                    help="a train stage whose run folder in --work holds a checkpoint continues from it")
+    ap.add_argument("--resume-refresh", action="store_true",
+                    help="serve keeps the shards its interrupted refresh encoded in --work, and a complete IVF "
+                         "index there (index-ivf is skipped)")
     ap.add_argument("--reuse-embeddings", action="store_true",
                     help="STAR/ADORE/ANCE build their first index from the encode stage's folder "
                          "(negatives.options.index.embeddings) instead of encoding the corpus again")
     args = ap.parse_args(argv)
-    for flag in ("resume_encode", "resume_mining"):
+    for flag in ("resume_encode", "resume_mining", "resume_training", "resume_refresh"):
         if getattr(args, flag) and args.work is None:
             ap.error(f"--{flag.replace('_', '-')} needs --work: the folder of the interrupted run")
     cache = args.cache or default_cache_dir() / "scale-rehearsal"
@@ -613,7 +668,8 @@ def main(argv=None) -> int:
             results.append(rehearse(n, cache, work_root / f"n{n}", args.steps, args.threads, args.gpu,
                                     args.stages, encode_ranks=args.encode_ranks, mine_limit=args.mine_queries,
                                     reuse_embeddings=args.reuse_embeddings, resume_encode=args.resume_encode,
-                                    resume_mining=args.resume_mining))
+                                    resume_mining=args.resume_mining, resume_training=args.resume_training,
+                                    resume_refresh=args.resume_refresh))
     finally:
         if args.work is None:
             shutil.rmtree(work_root, ignore_errors=True)

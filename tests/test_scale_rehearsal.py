@@ -113,3 +113,32 @@ def test_resumed_mining_keeps_the_partial_pool_and_warmup_index(tmp_path):
     (run / "checkpoint-200").mkdir()
     assert sr.keep_star_mining(run) == 5 and not (run / "checkpoint-200").exists()
     assert (run / "star-hard-negatives.jsonl.done.json").exists()
+
+
+def test_resumed_ance_stage_continues_from_its_checkpoint(cache, tmp_path):
+    """``--resume-training``: an ANCE stage killed after a checkpoint (at 8.8M, in its hours-long refresh)
+    continues from that checkpoint with ``negatron train --resume``."""
+    import shutil
+
+    work = tmp_path / "work"
+    first = sr.rehearse(3000, cache, work, 4, 1, stages=["train-ance"], timeout=600)
+    run = work / "run-ance"
+    assert "resumed_from_step" not in first["rows"][0] and (run / "final").is_dir()
+    assert sr.newest_checkpoint_step(run) == 4  # save_every = steps // 4 = 1, keep_last 1
+    shutil.rmtree(run / "final")  # killed after its last checkpoint, before the final model was written
+    again = sr.rehearse(3000, cache, work, 4, 1, stages=["train-ance"], timeout=600, resume_training=True)
+    assert again["rows"][0]["resumed_from_step"] == 4 and (run / "final").is_dir()
+    assert sr.newest_checkpoint_step(tmp_path / "absent") is None
+
+
+def test_complete_index_needs_its_manifest_and_the_whole_file(tmp_path):
+    import json
+
+    folder = tmp_path / "ix"
+    folder.mkdir()
+    (folder / "index.faiss").write_bytes(b"x" * 100)
+    assert not sr.complete_index(folder, 10)  # no manifest: a build that never finished
+    (folder / "manifest.json").write_text(json.dumps({"count": 10, "index_bytes": 100}))
+    assert sr.complete_index(folder, 10) and not sr.complete_index(folder, 11)
+    (folder / "index.faiss").write_bytes(b"x" * 50)
+    assert not sr.complete_index(folder, 10)
