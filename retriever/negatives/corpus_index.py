@@ -257,8 +257,7 @@ class KeyedRows:
         order = np.argsort(keys, kind="stable")
         lens_o = lens[order]
         starts = (np.cumsum(lens) - lens)[order]
-        within = np.arange(int(lens_o.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens_o) - lens_o, lens_o)
-        vals = vals[np.repeat(starts, lens_o) + within]
+        vals = self._gather(vals, starts, lens_o)
         ukeys, first = np.unique(keys[order], return_index=True)
         counts = np.add.reduceat(lens_o, first) if len(first) else np.empty(0, np.int64)
         if unique and len(vals):
@@ -272,6 +271,22 @@ class KeyedRows:
         self.ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._keys, self._lens, self._vals = array("q"), array("q"), array(self._vals.typecode)
         return self
+
+    @staticmethod
+    def _gather(vals: np.ndarray, starts: np.ndarray, lens: np.ndarray, groups: int = 4_096) -> np.ndarray:
+        """``vals[starts[i]:starts[i]+lens[i]]`` for every i, concatenated, a block of groups at a time: one
+        int64 index over all 50M values of an 8.8M-passage STAR pool was 1.2 GB of transient memory, more
+        than the pool itself, and put the stage over its bound."""
+        out = np.empty(int(lens.sum()), dtype=vals.dtype)
+        pos = 0
+        for b in range(0, len(lens), groups):
+            s, n = starts[b:b + groups], lens[b:b + groups]
+            total = int(n.sum())
+            index = np.arange(total, dtype=np.int64)
+            index += np.repeat(s - (np.cumsum(n) - n), n)
+            out[pos:pos + total] = vals[index]
+            pos += total
+        return out
 
     def _slot(self, key: int) -> int:
         i = int(np.searchsorted(self.keys, key))
