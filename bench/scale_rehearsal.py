@@ -198,18 +198,48 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-class PeakRSS:
-    """Polls a process tree's RSS every 50 ms in a thread (never below the root's own ``VmHWM``)."""
+def _rss_split_mib(pid: int) -> tuple[float, float]:
+    """(anonymous, file-backed) resident MiB of one process: heap and arrays vs memory-mapped files."""
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    fields[line.split(":")[0]] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return fields.get("RssAnon", 0.0), fields.get("RssFile", 0.0)
 
-    def __init__(self, pid: int):
+
+class PeakRSS:
+    """Polls a process tree's RSS every 50 ms in a thread (never below the root's own ``VmHWM``).
+    ``timeline``: also write a TSV row every 5 s (elapsed s, tree RSS, the root's anonymous and file-backed
+    RSS in MiB), so that a stage over its bound shows when, and in which kind of memory, it grew."""
+
+    def __init__(self, pid: int, timeline: Path | None = None):
         self.pid, self.bytes, self._stop = pid, 0, threading.Event()
+        self.timeline = timeline
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
     def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.bytes = max(self.bytes, _tree_rss_bytes(self.pid), _own_hwm_bytes(self.pid))
-            self._stop.wait(0.05)
+        started, last = time.monotonic(), -1e9
+        out = open(self.timeline, "w") if self.timeline is not None else None
+        if out is not None:
+            out.write("elapsed_s\ttree_rss_mib\troot_anon_mib\troot_file_mib\n")
+        try:
+            while not self._stop.is_set():
+                tree = _tree_rss_bytes(self.pid)
+                self.bytes = max(self.bytes, tree, _own_hwm_bytes(self.pid))
+                if out is not None and time.monotonic() - last >= 5:
+                    last = time.monotonic()
+                    anon, file = _rss_split_mib(self.pid)
+                    out.write(f"{last - started:.0f}\t{tree / 2**20:.0f}\t{anon:.0f}\t{file:.0f}\n")
+                    out.flush()
+                self._stop.wait(0.05)
+        finally:
+            if out is not None:
+                out.close()
 
     def stop(self) -> int:
         self._stop.set()
@@ -222,7 +252,7 @@ def run_stage(name: str, cmd: list[str], outputs: list[Path], env: dict, log: Pa
     started = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        peak = PeakRSS(proc.pid)
+        peak = PeakRSS(proc.pid, timeline=log.with_suffix(".rss.tsv"))
         try:
             _, status, _ = os.wait4(proc.pid, 0) if timeout is None else _wait4_timeout(proc, timeout)
         finally:
@@ -565,7 +595,7 @@ def run_serve_stage(work: Path, model: Path, data: Path, index: Path, env: dict,
     server = subprocess.Popen(_cli("serve", "--index", index, "--model", model, "--corpus", data / "collection.tsv",
                                    "--port", port, "--work-dir", versions),
                               stdout=server_log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    peak = PeakRSS(server.pid)
+    peak = PeakRSS(server.pid, timeline=work / "serve-server.rss.tsv")
     started = time.perf_counter()
     try:
         load = subprocess.run([sys.executable, "-c", _SERVE_LOAD_SCRIPT, f"http://127.0.0.1:{port}",

@@ -86,6 +86,9 @@ def test_resumed_encode_keeps_the_finished_shards(cache, tmp_path):
     work = tmp_path / "work"
     first = sr.rehearse(3000, cache, work, 10, 1, stages=["encode"], timeout=300)
     assert "resumed_shards" not in first["rows"][0]
+    timeline = (work / "encode.rss.tsv").read_text().splitlines()  # when and in which memory a stage grew
+    assert timeline[0].split("\t") == ["elapsed_s", "tree_rss_mib", "root_anon_mib", "root_file_mib"]
+    assert len(timeline) >= 2 and float(timeline[1].split("\t")[2]) > 0
     shards = sorted((work / "emb").glob("shard-*.npy"))
     stamps = [p.stat().st_mtime_ns for p in shards]
     shards[-1].unlink()  # as if the run had been killed before its last shard
