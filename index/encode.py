@@ -124,6 +124,8 @@ def encode_or_resume(model, corpus, output_dir, **options) -> EmbeddingStore:
     try:
         return encode_corpus(model, corpus, output_dir, **options)
     except DataError as exc:
+        if Path(exc.path) != Path(output_dir) / MANIFEST:  # a bad corpus, not another run's folder: say so
+            raise
         logger.info("%s holds other embeddings (%s); encoding anew", output_dir, exc.problem)
         return encode_corpus(model, corpus, output_dir, overwrite=True, **options)
 

@@ -513,11 +513,11 @@ def _select(q: TrainingQuery, ids: list[str], scores: np.ndarray, q_pos: list[fl
     chosen = sample_negatives(result.kept, config.num_negatives, config.sampling, rng)
     margin_applied = pos_score is not None or (config.relative_margin is None and config.absolute_margin is None)
     stats.add(q.query_id, len(ids), result.dropped, chosen.tolist(), margin_applied)
-    names = ids.source.take(ids.rows[chosen]) if isinstance(ids, RowIds) and hasattr(ids.source, "take") \
-        else [ids[p] for p in chosen]
+    rows = ids.rows[np.asarray(chosen, dtype=np.int64)] if isinstance(ids, RowIds) else None
+    names = ids.source.take(rows) if rows is not None and hasattr(ids.source, "take") else [ids[p] for p in chosen]
     mined = MinedQuery(q, q_pos, names, [float(scores[p]) for p in chosen], [int(p) for p in chosen])
-    if isinstance(ids, RowIds) and _rows_are_corpus_rows(ids, corpus):
-        mined.negative_rows = ids.rows[np.asarray(chosen, dtype=np.int64)]
+    if rows is not None and _rows_are_corpus_rows(ids, corpus):
+        mined.negative_rows = rows
     if scorer is not None:
         mined.scorer_negative_scores = [result.scorer_scores[int(p)] for p in chosen]
         mined.scorer_positive_scores = [float(s) for s in scorer.score(q.text, q.positive_texts)]

@@ -158,6 +158,7 @@ def test_a_run_resumed_from_a_checkpoint_keeps_its_score_but_not_a_partial_train
     assert resumed["dev"] == {"ndcg@10": 0.7}
     whole = runner.run("ar2", 3e-5, 42, with_test=False)
     assert whole["train_s"] == 123.0 and "train_s_note" not in whole
+    monkeypatch.setattr(ab, "CHECKPOINT_EVERY", None)  # a Runner made by another test sets it
     assert ap.PROTOCOL["checkpoint_every"] and ab.base_config("inbatch", 42)["training"].get("save_every") is None
     monkeypatch.setattr(ab, "CHECKPOINT_EVERY", ap.PROTOCOL["checkpoint_every"])
     assert ab.base_config("inbatch", 42)["training"]["save_every"] == ap.PROTOCOL["checkpoint_every"]

@@ -341,3 +341,19 @@ def test_a_killed_refresh_keeps_its_finished_shards_and_replaces_another_models(
         assert [n.doc_id for n in again.negatives] == [n.doc_id for n in served.negatives]
     finally:
         svc.close()
+
+
+def test_a_refresh_over_a_bad_corpus_reports_the_corpus_not_a_stale_folder(tmp_path, tiny_model_dir, monkeypatch):
+    """``encode_or_resume`` replaces only another run's folder; an error in the corpus itself reaches the
+    caller at once (file and line), not after an overwrite and a second try."""
+    import index.encode as encode_module
+    from retriever.data import DataError
+
+    tries, real = [], encode_module.encode_corpus
+    monkeypatch.setattr(encode_module, "encode_corpus", lambda *a, **k: tries.append(k.get("overwrite")) or real(*a, **k))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"_id": "a", "text": "fine"}\n{"_id": "b", "text": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        encode_module.encode_or_resume(str(tiny_model_dir), bad, tmp_path / "emb", show_progress=False,
+                                       distributed=False)
+    assert tries == [None]
