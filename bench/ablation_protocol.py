@@ -137,8 +137,8 @@ class Runner:
         if done is not None:  # trained in phase 1: keep that training time
             timing = {k: done[k] for k in ("train_s", "train_s_note") if k in done}
         elif ab.RESUMED:  # only the part after the last checkpoint was timed
-            timing = {"train_s": None, "train_s_note": "resumed from a checkpoint of an earlier session "
-                      f"({', '.join(p.name for p in ab.RESUMED)}): training time not measured in one piece"}
+            timing = {"train_s": None, "train_s_note": "resumed from a checkpoint or a final model of an earlier "
+                      f"session ({', '.join(p.name for p in ab.RESUMED)}): training time not measured in one piece"}
         scores = ab.evaluate(model_dir, self.dev, with_test=with_test, per_query=with_test)
         self._written.add(k)
         self.results[k] = {**scores, "arm": arm, "lr": lr, "star_lr": star_lr, "seed": seed, **timing,

@@ -84,7 +84,8 @@ def train(cfg: dict, out: Path) -> Path:
     from retriever.config import TrainConfig
     from retriever.trainer import train as run
 
-    if (out / "final").exists():
+    if (out / "final").exists():  # trained by an earlier driver (killed before scoring): not timed here
+        RESUMED.append(out)
         return out / "final"
     if out.exists() and list_checkpoints(out):
         RESUMED.append(out)

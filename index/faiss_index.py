@@ -1,6 +1,7 @@
 """A FAISS index over an :class:`~index.store.EmbeddingStore`, saved with its ids and a manifest.
 
-Folder layout: ``index.faiss`` (CPU form), ``ids.txt`` (row -> doc id), ``manifest.json``.
+Folder layout: ``index.faiss`` (CPU form), ``ids.txt`` (row -> doc id), ``manifest.json``; readers cache the
+ids' line ends beside them (``ids.txt.ends.npy``, see :meth:`retriever.offset_index.CorpusIds.from_lines`).
 
 IVF sizing: FAISS wants at least 39 training points per centroid. When the corpus is too small for
 the requested ``nlist`` we clamp ``nlist`` to ``count // 39`` and log a warning (the factory actually

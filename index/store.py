@@ -4,6 +4,7 @@ Layout of an embeddings folder::
 
     manifest.json        model, checkpoint hash, dim, count, dtype, normalize, shard plan, created
     ids.txt              one document id per line, row order (= corpus order)
+    ids.txt.ends.npy     the lines' end offsets, written by the first reader (a cache: deleting it is safe)
     shard-00000.npy ...  rows [i*shard_size, (i+1)*shard_size), float16 or float32
 
 Each shard is written atomically, so a killed run leaves only whole shards and a rerun skips them.

@@ -73,20 +73,30 @@ class TrainingQuery:
     ``positive_texts=None`` means "the texts of ``positive_ids`` in the corpus": :func:`mine` reads them
     one chunk of queries at a time (:func:`with_positive_texts`), so 503k MS MARCO train queries do not
     each hold their positive passages in memory for the whole run.
+
+    ``positive_rows``: the positives' corpus rows, when the caller holds them (a training table stores rows).
+    ``positive_ids=None`` then means "the ids of those rows". Dense mining over an index of the same corpus
+    then compares rows and cached text keys: it reads no id, no text and no id -> row map. At 8.8M passages
+    those pages were ~0.5 GB of STAR's resident memory.
     """
 
     query_id: str
     text: str
-    positive_ids: list[str] = field(default_factory=list)
+    positive_ids: list[str] | None = field(default_factory=list)
     positive_texts: list[str] | None = field(default_factory=list)
+    positive_rows: np.ndarray | None = None
 
 
 def with_positive_texts(query: TrainingQuery, corpus: Corpus) -> TrainingQuery:
-    """``query`` with its positives' texts, read from ``corpus`` when they were left to it (None)."""
-    if query.positive_texts is not None:
+    """``query`` with its positives' ids and texts, read from ``corpus`` when they were left to it (None)."""
+    if query.positive_texts is not None and query.positive_ids is not None:
         return query
-    return TrainingQuery(query.query_id, query.text, query.positive_ids,
-                         corpus.texts(corpus.row(d) for d in query.positive_ids))
+    rows = query.positive_rows
+    ids = query.positive_ids if query.positive_ids is not None else corpus.ids.take(rows)
+    texts = query.positive_texts
+    if texts is None:
+        texts = corpus.texts(rows if rows is not None else (corpus.row(d) for d in ids))
+    return TrainingQuery(query.query_id, query.text, list(ids), texts, rows)
 
 
 def load_training_queries(data: str | os.PathLike, *, split: str = "train", qrels: str | os.PathLike | None = None,
@@ -202,6 +212,16 @@ class RowIds(Sequence):
             return RowIds(self.rows[i], self.source)
         return self.source[int(self.rows[i])]
 
+    def __iter__(self):
+        take = getattr(self.source, "take", None)  # one gather, not one lookup per row
+        return iter(take(self.rows) if take is not None else [self.source[int(r)] for r in self.rows])
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and not isinstance(other, str) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"RowIds({list(self)!r})"
+
 
 _ALIGNED: dict[tuple[int, int], tuple] = {}
 
@@ -222,6 +242,10 @@ def _rows_are_corpus_rows(hits: Sequence[str], corpus: Corpus) -> bool:
     n = len(corpus)
     rows = sorted({int(r) for r in np.linspace(0, n - 1, 64)}) if n else []
     aligned = len(source) == n and all(str(source[r]) == str(corpus.ids[r]) for r in rows)
+    for ids in (source, corpus.ids):  # 64 spot reads map ~2 MiB each: most of both id maps at 8.8M
+        release = getattr(ids, "release_pages", None)
+        if release is not None:
+            release()
     try:
         _ALIGNED[key] = (weakref.ref(source), weakref.ref(corpus), aligned)
     except TypeError:  # an object without weak references (a plain list): check it each time
@@ -388,7 +412,7 @@ class MinedQuery:
     negative_rows: np.ndarray | None = None
 
     def to_row(self, corpus: Corpus) -> dict:
-        q = self.query
+        q = with_positive_texts(self.query, corpus)
         row = {
             "query": q.text,
             "pos": list(q.positive_texts),
@@ -436,9 +460,12 @@ def mine(queries: Sequence[TrainingQuery], corpus: Corpus, retriever: Retriever,
 
         starts = tqdm(starts, desc="mine", unit="chunk")
     for start in starts:
-        chunk = [with_positive_texts(q, corpus) for q in queries[start:start + config.query_batch_size]]
+        chunk = list(queries[start:start + config.query_batch_size])
         t0 = time.perf_counter()
-        hits = retriever.search(chunk, config.k)
+        hits = retriever.search(chunk, config.k)  # reads the queries' texts only
+        # positives' ids and texts are read only where rows and text keys cannot stand in for them
+        chunk = [q if _rows_suffice(q, found, corpus, config, scorer) else with_positive_texts(q, corpus)
+                 for q, (found, _) in zip(chunk, hits)]
         pos_scores = retriever.positive_scores(chunk, hits) if config.score_positives else [[] for _ in chunk]
         timing["retrieve"] = timing.get("retrieve", 0.0) + time.perf_counter() - t0
         chunk_scorer = scorer
@@ -477,17 +504,31 @@ def _prescore(chunk, hits, pos_scores, corpus: Corpus, config: MiningConfig, sco
     return _ScoreTable(scorer, table)
 
 
+def _rows_suffice(q: TrainingQuery, hits, corpus: Corpus, config: MiningConfig, scorer) -> bool:
+    """Whether ``q`` can be filtered by its positives' rows alone (see :class:`TrainingQuery`)."""
+    return (q.positive_rows is not None and not config.score_positives and scorer is None
+            and _rows_are_corpus_rows(hits, corpus))
+
+
 def _filter(q: TrainingQuery, ids: list[str], scores: np.ndarray, q_pos: list[float], corpus: Corpus,
             config: MiningConfig, scorer_fn):
-    needs_texts = bool(q.positive_texts)  # every query: a duplicate of a positive under another id is no negative
     window = ids[:config.range_max]  # ranks beyond the window can never be kept; skip their bookkeeping
-    exclude_ids, exclude_mask, exclude_texts = set(q.positive_ids), None, {t.strip() for t in q.positive_texts}
+    aligned = _rows_are_corpus_rows(window, corpus)
+    if (q.positive_texts is None or q.positive_ids is None) and not (aligned and q.positive_rows is not None):
+        q = with_positive_texts(q, corpus)  # left to the corpus, and rows cannot stand in for them here
+    # every query: a duplicate of a positive under another id is no negative
+    needs_texts = bool(q.positive_texts) or q.positive_rows is not None
+    exclude_ids, exclude_mask, exclude_texts = set(q.positive_ids or ()), None, {t.strip() for t in q.positive_texts or ()}
     texts = None
-    if _rows_are_corpus_rows(window, corpus):  # dense hits: compare rows and text keys, no id strings or texts
-        positive_rows = [corpus.row(d) for d in q.positive_ids if d in corpus]
+    if aligned:  # dense hits: compare rows and text keys, no id strings or texts
+        positive_rows = q.positive_rows if q.positive_rows is not None \
+            else [corpus.row(d) for d in q.positive_ids if d in corpus]
         exclude_ids, exclude_mask = set(), np.isin(window.rows, positive_rows)
         if needs_texts:  # 100 text reads a query were half of STAR's up-front mining time
-            exclude_mask |= np.isin(corpus.text_keys(window.rows), [text_key(t) for t in exclude_texts])
+            keys = [text_key(t) for t in exclude_texts]
+            if q.positive_rows is not None:  # the corpus's cached keys of the positives' stripped texts
+                keys += corpus.text_keys(q.positive_rows).tolist()
+            exclude_mask |= np.isin(corpus.text_keys(window.rows), keys)
         exclude_texts = set()
     elif needs_texts:
         texts = corpus.texts(corpus.row(d) for d in window)
@@ -514,7 +555,8 @@ def _select(q: TrainingQuery, ids: list[str], scores: np.ndarray, q_pos: list[fl
     margin_applied = pos_score is not None or (config.relative_margin is None and config.absolute_margin is None)
     stats.add(q.query_id, len(ids), result.dropped, chosen.tolist(), margin_applied)
     rows = ids.rows[np.asarray(chosen, dtype=np.int64)] if isinstance(ids, RowIds) else None
-    names = ids.source.take(rows) if rows is not None and hasattr(ids.source, "take") else [ids[p] for p in chosen]
+    # read as ids when a consumer asks (a JSONL row does; STAR keeps rows and never reads them)
+    names = RowIds(rows, ids.source) if rows is not None else [ids[p] for p in chosen]
     mined = MinedQuery(q, q_pos, names, [float(scores[p]) for p in chosen], [int(p) for p in chosen])
     if rows is not None and _rows_are_corpus_rows(ids, corpus):
         mined.negative_rows = rows

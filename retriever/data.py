@@ -205,7 +205,9 @@ class Corpus(Sequence[Document]):
         with self._lock:
             if self._fh is None:
                 self._fh = open(self.path, "rb")
-            self._fh.seek(int(self._offsets[row]))
+            if row < 0:
+                row += len(self)
+            self._fh.seek(self._index.offset(row))
             raw = self._fh.readline()
         try:
             return self._parse(self.path, None, raw)
@@ -228,6 +230,23 @@ class Corpus(Sequence[Document]):
 
     def texts(self, rows: Iterable[int]) -> list[str]:
         return [self._read(int(r)).full_text for r in rows]
+
+    def release_pages(self) -> None:
+        """Unmap the offset index's pages that a burst of lookups (a qrels file's ids, a spot check) left
+        resident; later reads map back what they touch (:func:`retriever.memory.release_mapped_pages`)."""
+        self._index.release_pages(self._text_keys)
+
+    def iter_text_keys(self, block: int = 1 << 20) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, keys)`` blocks of every row's :meth:`text_keys`, in row order, read through a map that
+        is closed afterwards: a scan of the whole corpus (67 MiB at 8.8M) leaves none of it resident."""
+        self.text_keys(np.empty(0, np.int64))  # made and cached on first use
+        path = self._index.folder / "text_keys.npy" if self._index.folder is not None else None
+        keys = np.load(path, mmap_mode="r") if path is not None and path.is_file() else self._text_keys
+        try:
+            for lo in range(0, len(keys), block):
+                yield lo, np.array(keys[lo:lo + block])
+        finally:
+            del keys
 
     def text_keys(self, rows) -> np.ndarray:
         """:func:`~retriever.offset_index.text_key` of each row's stripped full text (int64). Tests for

@@ -140,6 +140,10 @@ def test_a_run_resumed_from_a_checkpoint_keeps_its_score_but_not_a_partial_train
     assert ab.RESUMED == []
     ab.train({}, cut)
     assert ab.RESUMED == [cut] and calls == [False, True]
+    finished = tmp_path / "finished"  # trained to its final model by a driver killed before scoring it
+    (finished / "final").mkdir(parents=True)
+    assert ab.train({}, finished) == finished / "final"
+    assert ab.RESUMED == [cut, finished] and calls == [False, True]
 
     runner = ap.Runner.__new__(ap.Runner)
     runner.path, runner._written, runner.work = tmp_path / "results.json", set(), tmp_path

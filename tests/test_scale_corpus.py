@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,111 @@ def test_take_decodes_many_ids_at_once(tmp_path):
     assert CorpusIds.from_lines(lines).take([2, 0, 1]) == ["ccc", "a", "bb"]
     with pytest.raises(IndexError):
         corpus.ids.take([50])
+
+
+def _mapped_kib(folder) -> float:
+    """KiB of this process's resident pages mapped from files under ``folder`` (Linux smaps)."""
+    import re
+
+    total, current = 0, ""
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = re.match(r"^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \d+\s*(.*)$", line)
+            if head:
+                current = head.group(1).strip()
+            elif line.startswith("Rss:") and current.startswith(str(folder)):
+                total += int(line.split()[1])
+    return total
+
+
+def _large_corpus(tmp_path, monkeypatch, n: int = 300_000):
+    """(offset-index cache folder, Corpus, n): a TSV corpus big enough that its id and offset maps span MiBs."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NEGATRON_CACHE_DIR", str(cache))
+    path = tmp_path / "collection.tsv"
+    path.write_text("".join(f"p{i}\tpassage number {i}\n" for i in range(n)))
+    return cache, Corpus(path), n
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_a_burst_of_id_lookups_leaves_no_mapped_pages_resident(tmp_path, monkeypatch):
+    """Looking up a qrels file's ids touches pages all over the id maps (Linux maps them in up to 2 MiB
+    folios); the table builder and the alignment check unmap them afterwards, and lookups still work."""
+    from retriever.example_table import table_from_qrels
+
+    cache, corpus, n = _large_corpus(tmp_path, monkeypatch)
+    rng = np.random.default_rng(0)
+    picked = rng.choice(n, 5_000, replace=False).tolist()
+    assert corpus.rows([f"p{i}" for i in picked]).tolist() == picked
+    assert _mapped_kib(cache) > 1024  # the lookups left the maps resident
+    queries = {f"q{i}": f"query {i}" for i in picked}
+    table = table_from_qrels(queries, {f"q{i}": {f"p{i}": 1} for i in picked}, corpus)
+    assert _mapped_kib(cache) < 512
+    assert table.positive_rows(7).tolist() == [picked[7]] and corpus.get(f"p{picked[9]}").text == f"passage number {picked[9]}"
+
+    lines = tmp_path / "ids.txt"
+    lines.write_text("".join(f"p{i}\n" for i in range(n)))
+    ids = CorpusIds.from_lines(lines)  # its scan read every page
+    assert _mapped_kib(lines) < 512 and ids[123_456] == "p123456" and len(ids) == n
+
+
+def test_line_ends_of_an_ids_file_are_kept_beside_it_and_never_trusted_when_stale(tmp_path):
+    """``ids.txt``'s line ends are saved as ``ids.txt.ends.npy`` and memory-mapped by later opens (no 67 MiB
+    array per open at 8.8M); a rewritten ids file or a damaged ends file is scanned again."""
+    import time
+
+    lines = tmp_path / "ids.txt"
+    lines.write_text("a\nbb\nccc\n")
+    first = CorpusIds.from_lines(lines)
+    cached = tmp_path / "ids.txt.ends.npy"
+    assert list(first) == ["a", "bb", "ccc"] and cached.is_file()
+    again = CorpusIds.from_lines(lines)
+    assert isinstance(again._ends, np.memmap) and list(again) == ["a", "bb", "ccc"]
+
+    time.sleep(0.01)
+    lines.write_text("x\ny\n")  # newer than the saved ends: they are not used
+    assert list(CorpusIds.from_lines(lines)) == ["x", "y"]
+    cached.write_bytes(b"not an npy file")
+    os.utime(cached, ns=(time.time_ns() + 10**9,) * 2)
+    assert list(CorpusIds.from_lines(lines)) == ["x", "y"]
+    np.save(cached, np.array([1, 3, 5], dtype=np.int64))  # newer but from a longer file: refused by its end
+    os.utime(cached, ns=(time.time_ns() + 10**9,) * 2)
+    assert list(CorpusIds.from_lines(lines)) == ["x", "y"]
+
+
+def test_a_read_only_ids_folder_keeps_the_line_ends_in_memory(tmp_path, monkeypatch):
+    import retriever.offset_index as oi
+
+    lines = tmp_path / "ids.txt"
+    lines.write_text("a\nbb\n")
+    monkeypatch.setattr(oi.tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(PermissionError("read-only")))
+    ids = CorpusIds.from_lines(lines)
+    assert list(ids) == ["a", "bb"] and not (tmp_path / "ids.txt.ends.npy").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_scattered_passage_and_triple_reads_leave_the_offset_maps_unmapped(tmp_path, monkeypatch):
+    """Reading passages (or triples) at random reads each line's offset with pread: the offsets file stays in
+    the page cache, not in the process's RSS, and every read returns the right line."""
+    import pickle
+
+    from retriever.example_table import TriplesFile
+
+    cache, corpus, n = _large_corpus(tmp_path, monkeypatch)
+    rng = np.random.default_rng(1)
+    for r in rng.choice(n, 3_000, replace=False).tolist():
+        assert corpus[r].text == f"passage number {r}"
+    assert corpus[-1].id == f"p{n - 1}" and corpus[0].id == "p0"
+    with pytest.raises(IndexError):
+        corpus[n]
+    assert _mapped_kib(cache) < 512
+
+    triples = tmp_path / "triples.tsv"
+    triples.write_text("".join(f"q{i}\tpos {i}\tneg {i}\n" for i in range(n)))
+    table = TriplesFile(triples)
+    for i in rng.choice(n, 3_000, replace=False).tolist():
+        assert table[i].query == f"q{i}"
+    assert table[n - 1].negatives == [f"neg {n - 1}"]
+    assert _mapped_kib(cache) < 512 and _mapped_kib(triples.parent) < 1024
+    again = pickle.loads(pickle.dumps(table))  # a DataLoader worker's copy reads the same lines
+    assert again[12_345].positives == ["pos 12345"]

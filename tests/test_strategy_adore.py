@@ -168,11 +168,15 @@ def test_adore_loss_ranks_every_positive_among_all_candidates_and_normalises_by_
     assert torch.allclose(both, (expected + single) / 2)
 
 
-def test_adore_uses_every_positive_and_excludes_duplicates_of_positives_by_text(mini, tmp_path):
+@pytest.mark.parametrize("source", ["examples", "table"])
+def test_adore_uses_every_positive_and_excludes_duplicates_of_positives_by_text(mini, tmp_path, source, monkeypatch):
+    """Positives by id and every copy of them by text, from examples with texts or from a training table of
+    rows (which reads no passage: a table at 8.8M must not touch the corpus's id or text pages)."""
     import json
     import shutil
 
     from retriever.data import Corpus, TrainingExample
+    from retriever.example_table import ExampleTableBuilder
 
     folder, model = mini
     docs = [json.loads(line) for line in (folder / "corpus.jsonl").read_text().splitlines()]
@@ -186,8 +190,20 @@ def test_adore_uses_every_positive_and_excludes_duplicates_of_positives_by_text(
                          positive_ids=[docs[0]["_id"], docs[1]["_id"]])
     from retriever.negatives.adore import ADORENegatives
 
-    strategy = ADORENegatives({"k": 200})
-    strategy.setup(BiEncoder.from_pretrained(model), corpus, [ex], tmp_path / "index")
+    examples = [ex]
+    strategy, encoder = ADORENegatives({"k": 200}), BiEncoder.from_pretrained(model)
+    if source == "table":
+        from retriever.negatives.adore import freeze_document_tower
+        from retriever.negatives.corpus_index import build_index
+
+        b = ExampleTableBuilder(corpus)
+        b.add(ex.query, "q1", corpus.rows(ex.positive_ids).tolist(), [])
+        examples = b.build()
+        freeze_document_tower(encoder)
+        build_index(encoder, corpus, tmp_path / "index")  # encodes the corpus: setup then reuses its embeddings
+        monkeypatch.setattr(Corpus, "_read", lambda *a: pytest.fail("ADORE read a passage of a table's positives"))
+    strategy.setup(encoder, corpus, examples, tmp_path / "index")
+    monkeypatch.undo()
     rows = strategy.positives_of(ex.query)
     assert {strategy.doc_ids[r] for r in rows} == {docs[0]["_id"], docs[1]["_id"], "dup-of-0"}
     emb, relevant, valid, negatives = strategy.candidates([ex.query], np.array([[0, 5, 7]]))
@@ -244,3 +260,27 @@ def test_star_adore_pipeline_config_chains_the_stages(tmp_path, monkeypatch):
     final = run_pipeline(config, tmp_path)
     assert final == tmp_path / "adore" / "final"
     assert seen == [("star", stages[0][1].model.name, "star"), ("adore", str(tmp_path / "star" / "final"), "adore")]
+
+
+def test_adore_embeds_a_positive_given_only_as_text_absent_from_the_corpus(mini, tmp_path):
+    """A positive known only by its text and not in the corpus is embedded once by the frozen document tower
+    and ranked among the candidates; one that is in the corpus under its text is found by text, not embedded."""
+    from retriever.data import Corpus, TrainingExample
+    from retriever.negatives.adore import ADORENegatives
+    from retriever.negatives.corpus_index import text_key
+
+    folder, model = mini
+    corpus = Corpus(folder / "corpus.jsonl")
+    in_corpus = corpus[3]
+    ex = TrainingExample(query="which passage?", positives=["a positive passage that no corpus holds",
+                                                            in_corpus.full_text])
+    strategy = ADORENegatives({"k": 20})
+    encoder = BiEncoder.from_pretrained(model)
+    strategy.setup(encoder, corpus, [ex], tmp_path / "index")
+    assert strategy.positives_of(ex.query).tolist() == [3]
+    extra = strategy.extra_positive_emb[text_key(ex.query)]
+    expected = encoder.encode(["a positive passage that no corpus holds"], kind="document")
+    assert extra.shape == (1, expected.shape[1]) and np.allclose(extra.numpy(), expected, atol=1e-5)
+    _, relevant, valid, negatives = strategy.candidates([ex.query], np.array([[3, 5, 7]]))
+    assert relevant[0].sum() == 2 and 3 not in negatives[0]
+

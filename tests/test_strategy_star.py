@@ -380,3 +380,76 @@ def test_a_finished_pool_of_the_same_job_is_read_not_mined_again(mini, tmp_path,
     monkeypatch.setattr(miner, "mine", lambda *a, **k: calls.append(1) or real(*a, **k))
     star({"range_min": 0, "range_max": 30, "mine_pool": 12})
     assert calls
+
+
+def test_mining_a_training_table_reads_no_passage_and_keeps_the_pool_texts_would_give(mini, tmp_path, monkeypatch):
+    """A qrels table holds its positives as corpus rows: STAR's mining then filters by rows and cached text
+    keys and reads no passage text, no id and no id -> row map (at 8.8M those pages were ~0.5 GB of resident
+    memory), its pool file holds rows, and the pool equals the one mined from examples given as texts and
+    ids. A copy of a positive under another id is still no negative."""
+    import shutil
+
+    import mining.miner as miner
+    from retriever.example_table import ExampleTable, table_from_qrels
+    from retriever.modeling import BiEncoder
+    from retriever.negatives.star import POOL_FILE
+    from retriever.offset_index import CorpusIds, OffsetIndex
+
+    folder, model = mini
+    warmup = BiEncoder.from_pretrained(model)
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    first = load_beir(folder, "train")
+    d = warmup.encode([doc.full_text for doc in first.corpus], kind="document")
+
+    def rank_of_positive(item):
+        q = warmup.encode([first.queries[item[0]]], kind="query")[0]
+        return int(np.flatnonzero(np.argsort(-(d @ q)) == first.corpus.row(next(iter(item[1]))))[0])
+
+    # the query whose positive the warm-up model ranks best: its copy lands in the pool unless tested by text
+    qid, judged = min(((q, j) for q, j in first.qrels.items() if q in first.queries), key=rank_of_positive)
+    pos = first.corpus.get(next(iter(judged)))
+    with open(data / "corpus.jsonl", "a", encoding="utf-8") as fh:  # the positive again, under another id
+        fh.write(json.dumps({"_id": "copy-of-" + pos.id, "title": pos.title, "text": pos.text}) + "\n")
+    ds = load_beir(data, "train")
+    texts_and_ids = training_examples_from_qrels(ds.queries, ds.qrels, ds.corpus)
+    table = table_from_qrels(ds.queries, ds.qrels, ds.corpus)
+    assert isinstance(table, ExampleTable) and len(table) == len(texts_and_ids)
+    options = {"range_min": 0, "range_max": 30, "mine_pool": 10}
+    by_text = _mined_up_front(options, ds, texts_and_ids, warmup, tmp_path / "a")
+
+    mining = {"on": False}
+    real_mine = miner.mine
+
+    def watched_mine(*args, **kwargs):
+        mining["on"] = True
+        try:
+            yield from real_mine(*args, **kwargs)
+        finally:
+            mining["on"] = False
+
+    def refuse(real, what):
+        def wrapper(*args, **kwargs):
+            if mining["on"]:
+                pytest.fail(f"mining read {what}")
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(miner, "mine", watched_mine)
+    monkeypatch.setattr(Corpus, "_read", refuse(Corpus._read, "a passage"))
+    monkeypatch.setattr(CorpusIds, "take", refuse(CorpusIds.take, "ids"))
+    monkeypatch.setattr(OffsetIndex, "rows", refuse(OffsetIndex.rows, "the id -> row map"))
+    monkeypatch.setattr(OffsetIndex, "row", refuse(OffsetIndex.row, "the id -> row map"))
+    by_rows = _mined_up_front(options, ds, table, warmup, tmp_path / "b")
+    monkeypatch.undo()
+
+    assert by_rows.mined_up_front == by_text.mined_up_front == len(table)
+    for ex in texts_and_ids:
+        assert by_rows.hard_texts(ex.query) == by_text.hard_texts(ex.query)
+    copy = ds.corpus.row("copy-of-" + pos.id)
+    q = warmup.encode([ds.queries[qid]], kind="query")[0]
+    d = warmup.encode([doc.full_text for doc in ds.corpus], kind="document")
+    assert copy in np.argsort(-(d @ q))[:10].tolist()  # in the pool's top 10, unless the text test drops it
+    assert copy not in by_rows.pool.get(text_key(ds.queries[qid])).tolist()
+    lines = [json.loads(line) for line in (tmp_path / "b" / POOL_FILE).read_text().splitlines()]
+    assert len(lines) == len(table) and all("neg_rows" in line and "neg_ids" not in line for line in lines)

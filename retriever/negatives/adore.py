@@ -36,7 +36,8 @@ from retriever.data import Corpus
 from retriever.losses.lambda_rank import LambdaRankLoss, candidate_ranks
 from retriever.modeling import autocast
 from retriever.negatives.base import NegativeStrategy, StrategyOptions, register_strategy
-from retriever.negatives.corpus_index import IndexOptions, KeyedRows, build_index, corpus_path, text_key
+from retriever.negatives.corpus_index import (IndexOptions, KeyedRows, build_index, corpus_path, example_positives,
+                                              example_queries, text_key)
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,16 @@ class ADORENegatives(NegativeStrategy):
         self.positives: KeyedRows = KeyedRows()              # query-text key -> sorted corpus rows of its positives
         self.extra_positive_emb: dict[int, torch.Tensor] = {}  # query-text key -> [n, d] positives not in the corpus
         self.loss_fn: LambdaRankLoss | None = None
-        self.last_negative_ids: list[list[str]] = []
+        self.last_negative_rows: list[list[int]] = []          # the last step's negatives, as index rows
         self._retrieved_rank_sum = 0.0
         self._steps = 0
+
+    @property
+    def last_negative_ids(self) -> list[list[str]]:
+        """The last step's negatives per query, as ids: read on demand (a step reading 6,400 ids scattered over
+        the index's ids file kept most of it resident at 8.8M)."""
+        return [self.doc_ids.take(negs) if hasattr(self.doc_ids, "take") else [self.doc_ids[r] for r in negs]
+                for negs in self.last_negative_rows]
 
     @property
     def doc_ids(self):
@@ -91,56 +99,60 @@ class ADORENegatives(NegativeStrategy):
 
     def _collect_positives(self, model, corpus: Corpus, examples) -> None:
         """Every training query's positive rows: by id, and by text (an exact copy of a positive under another
-        id, MS MARCO has many, is relevant too, never a negative). One pass over the examples records
-        (query key, row) and (query key, stripped-text key) pairs as int64 arrays, one streaming pass over the
-        corpus maps text keys to rows; no dict of texts, no id -> row dict (rows are the index's rows, which
-        are the corpus's). Queries sharing a text share the union of their positives."""
-        by_id, by_text = KeyedRows(), KeyedRows()   # query key -> rows; query key -> text keys
+        id, MS MARCO has many, is relevant too, never a negative). One pass over the examples records each
+        query's positive rows and the text keys of positives given only as text; two sequential scans of the
+        corpus's cached text keys (:meth:`~retriever.data.Corpus.iter_text_keys`) then give the positives'
+        keys and every row carrying one of them. A training table of the corpus is read from its arrays, so
+        no passage text, id or id -> row map is read (at 8.8M those pages stayed resident beside the index).
+        Queries sharing a text share the union of their positives."""
+        by_row, by_text = KeyedRows(), KeyedRows()   # query key -> rows; query key -> text keys of inline texts
         all_queries = array("q")
-        for ex in examples:
-            qkey = text_key(ex.query)
+        for query, rows, texts in example_positives(examples, corpus):
+            qkey = text_key(query)
             all_queries.append(qkey)
-            rows = corpus.rows(ex.positive_ids) if ex.positive_ids else np.empty(0, np.int64)
-            by_id.add(qkey, rows[rows >= 0])
-            by_text.add(qkey, (text_key(t.strip()) for t in ex.positives))
-        by_id.freeze(unique=True)
+            by_row.add(qkey, rows)
+            by_text.add(qkey, (text_key(t.strip()) for t in texts))
+        by_row.freeze(unique=True)
         by_text.freeze(unique=True)
-        wanted = np.unique(by_text.values)
-        found_keys, found_rows = array("q"), array("q")     # (text key, corpus row) of every corpus copy
+        corpus.release_pages()  # examples that are not a table looked their positives up by id
+        rows = np.unique(by_row.values)                   # every positive row, sorted
+        row_keys = np.empty(len(rows), np.int64)          # their text keys
+        for lo, keys in corpus.iter_text_keys():
+            a, b = np.searchsorted(rows, [lo, lo + len(keys)])
+            row_keys[a:b] = keys[rows[a:b] - lo]
+        wanted = np.unique(np.concatenate([row_keys, by_text.values]))
+        found_keys, found_rows = [], []                   # (text key, corpus row) of every corpus copy
         if len(wanted):
-            chunk_keys: list[int] = []
-            done = 0
-            for doc in corpus:  # streams the file once, in row order
-                chunk_keys.append(text_key(doc.full_text.strip()))
-                if len(chunk_keys) == 65_536:
-                    _match(chunk_keys, done, wanted, found_keys, found_rows)
-                    done, chunk_keys = done + len(chunk_keys), []
-            _match(chunk_keys, done, wanted, found_keys, found_rows)
-            if done + len(chunk_keys) != len(corpus):
-                raise ValueError(f"{corpus.path} changed while ADORE read it ({done + len(chunk_keys)} documents, "
-                                 f"{len(corpus)} indexed)")
+            for lo, keys in corpus.iter_text_keys():
+                pos = np.minimum(np.searchsorted(wanted, keys), len(wanted) - 1)
+                hit = np.flatnonzero(wanted[pos] == keys)
+                found_keys.append(keys[hit])
+                found_rows.append(hit + lo)
         text_rows = KeyedRows()
-        for key, row in zip(found_keys, found_rows):
-            text_rows.add(key, (row,))
+        if found_keys:
+            text_rows.add_many(np.concatenate(found_keys), np.concatenate(found_rows))
         text_rows.freeze(unique=True)
         self.positives = KeyedRows()
         missing: dict[int, list[int]] = {}                  # query key -> text keys absent from the corpus
-        for i, qkey in enumerate(by_id.keys.tolist()):
-            rows = [by_id.values[by_id.ptr[i]:by_id.ptr[i + 1]]]
-            for tkey in by_text.get(qkey).tolist():
+        for i, qkey in enumerate(by_row.keys.tolist()):
+            own = by_row.values[by_row.ptr[i]:by_row.ptr[i + 1]]
+            parts = [own]
+            tkeys = row_keys[np.searchsorted(rows, own)].tolist()
+            inline = by_text.get(qkey)
+            for tkey in tkeys + (inline.tolist() if inline is not None else []):
                 copies = text_rows.get(tkey)
                 if copies is not None:
-                    rows.append(copies)
+                    parts.append(copies)
                 else:
                     missing.setdefault(qkey, []).append(tkey)
-            self.positives.add(qkey, np.concatenate(rows))
+            self.positives.add(qkey, np.concatenate(parts))
         self.positives.freeze(unique=True)
         if missing:  # positives given as text only, absent from the corpus: embed them once (frozen tower)
             self._embed_missing(model, examples, missing)
         empty = [k for k in np.unique(np.frombuffer(all_queries, dtype=np.int64)).tolist()
                  if not len(self.positives.get(k)) and k not in self.extra_positive_emb]
         if empty:
-            first = next(ex.query for ex in examples if text_key(ex.query) == empty[0])
+            first = next(query for query, _ in example_queries(examples) if text_key(query) == empty[0])
             raise ValueError(f"{len(empty)} training queries have no positive, e.g. {first[:60]!r}")
         logger.info("ADORE: positives of %d queries in %.1f MiB (%d rows, %d text-only)", len(self.positives),
                     self.positives.nbytes / 2**20, len(self.positives.values), len(self.extra_positive_emb))
@@ -217,7 +229,7 @@ class ADORENegatives(NegativeStrategy):
             q = model.embed(model.tokenize(batch.queries, "query"), "query").float()
         rows = self.retrieve(q.detach().cpu().numpy())
         emb, relevant, valid, negatives = self.candidates(batch.queries, rows)
-        self.last_negative_ids = [[self.doc_ids[r] for r in negs] for negs in negatives]
+        self.last_negative_rows = negatives
         emb, relevant, valid = emb.to(q.device), relevant.to(q.device), valid.to(q.device)
         scores = torch.einsum("bd,bnd->bn", q, emb)                                   # documents: no grad
         loss = self.loss_fn(scores, relevant, valid)
@@ -232,17 +244,6 @@ class ADORENegatives(NegativeStrategy):
         mrr = self._retrieved_rank_sum / self._steps if self._steps else 0.0
         self._retrieved_rank_sum, self._steps = 0.0, 0
         return {"adore_train_mrr": round(mrr, 5)}
-
-
-def _match(chunk_keys: list[int], start: int, wanted: np.ndarray, found_keys: array, found_rows: array) -> None:
-    """Append (text key, row) for the documents ``start + i`` whose text key is ``wanted`` (sorted)."""
-    if not chunk_keys:
-        return
-    keys = np.asarray(chunk_keys, dtype=np.int64)
-    pos = np.minimum(np.searchsorted(wanted, keys), len(wanted) - 1)
-    hit = np.flatnonzero(wanted[pos] == keys)
-    found_keys.extend(keys[hit].tolist())
-    found_rows.extend((hit + start).tolist())
 
 
 def freeze_document_tower(model) -> None:

@@ -17,7 +17,7 @@ import logging
 import math
 from array import array
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -135,9 +135,14 @@ class _TrainingQueries(Sequence):
     """:class:`mining.miner.TrainingQuery` per example, built a slice at a time as :func:`mining.miner.mine`
     asks (503k MS MARCO queries never all hold their positive passages at once)."""
 
-    def __init__(self, examples: Sequence[TrainingExample], indices: Sequence[int] | None):
+    def __init__(self, examples: Sequence[TrainingExample], indices: Sequence[int] | None, corpus: Corpus | None):
+        from retriever.example_table import ExampleTable, ExampleView
+
         self.examples = examples
         self.indices = indices
+        # a table of rows of the corpus being mined: its queries carry positive rows, not ids and texts
+        base = examples.base if isinstance(examples, ExampleView) else examples
+        self._table = base if isinstance(base, ExampleTable) and _same_corpus(base.corpus, corpus) else None
 
     def __len__(self) -> int:
         return len(self.examples) if self.indices is None else len(self.indices)
@@ -145,7 +150,15 @@ class _TrainingQueries(Sequence):
     def _one(self, i: int):
         from mining.miner import TrainingQuery
 
-        ex = self.examples[i if self.indices is None else int(self.indices[i])]
+        j = i if self.indices is None else int(self.indices[i])
+        if self._table is not None:
+            from retriever.example_table import ExampleView
+
+            t = int(self.examples.rows[j]) if isinstance(self.examples, ExampleView) else j
+            refs = self._table.pos_rows[self._table.pos_ptr[t]:self._table.pos_ptr[t + 1]]
+            if len(refs) and bool((refs >= 0).all()):  # inline-text positives take the general path
+                return TrainingQuery(str(i), self._table.queries[t], None, None, np.asarray(refs, dtype=np.int64))
+        ex = self.examples[j]
         return TrainingQuery(str(i), ex.query, list(ex.positive_ids), list(ex.positives))
 
     def __getitem__(self, key):
@@ -159,10 +172,53 @@ class _TrainingQueries(Sequence):
         return self._one(i)
 
 
-def training_queries(examples: Sequence[TrainingExample], indices: Sequence[int] | None = None) -> Sequence:
+def example_queries(examples: Sequence[TrainingExample]) -> Iterator[tuple[str, bool]]:
+    """``(query text, has negatives)`` of every example. A training table answers from its arrays: building
+    each example would read its passages' texts and ids (503k random reads over 8.8M passages)."""
+    from retriever.example_table import ExampleTable, ExampleView
+
+    base = examples.base if isinstance(examples, ExampleView) else examples
+    if isinstance(base, ExampleTable):
+        rows = examples.rows.tolist() if isinstance(examples, ExampleView) else range(len(base))
+        for t in rows:
+            yield base.queries[t], bool(base.neg_ptr[t + 1] > base.neg_ptr[t])
+        return
+    for ex in examples:
+        yield ex.query, bool(ex.negatives)
+
+
+def example_positives(examples: Sequence[TrainingExample], corpus: Corpus) -> Iterator[tuple[str, np.ndarray, list[str]]]:
+    """``(query, positive corpus rows, positive texts not given as rows)`` of every example. A training table
+    of ``corpus`` answers from its arrays (no passage is read); other examples give their positives' ids as
+    rows (unknown ids dropped) and every positive text."""
+    from retriever.example_table import ExampleTable, ExampleView
+
+    base = examples.base if isinstance(examples, ExampleView) else examples
+    if isinstance(base, ExampleTable) and _same_corpus(base.corpus, corpus):
+        rows = examples.rows.tolist() if isinstance(examples, ExampleView) else range(len(base))
+        for t in rows:
+            refs = base.pos_rows[base.pos_ptr[t]:base.pos_ptr[t + 1]]
+            yield (base.queries[t], np.asarray(refs[refs >= 0], dtype=np.int64),
+                   [base.texts[-int(v) - 1] for v in refs[refs < 0]])
+        return
+    for ex in examples:
+        found = corpus.rows(ex.positive_ids) if ex.positive_ids else np.empty(0, np.int64)
+        yield ex.query, found[found >= 0], list(ex.positives)
+
+
+def _same_corpus(a: Corpus | None, b: Corpus | None) -> bool:
+    if a is None or b is None:
+        return False
+    return a is b or (len(a) == len(b) and Path(a.path).resolve() == Path(b.path).resolve())
+
+
+def training_queries(examples: Sequence[TrainingExample], indices: Sequence[int] | None = None,
+                     corpus: Corpus | None = None) -> Sequence:
     """Training examples (or ``examples[indices]``) as a lazy sequence of :class:`mining.miner.TrainingQuery`;
-    query ``i``'s id is ``str(i)``, its position in that sequence."""
-    return _TrainingQueries(examples, indices)
+    query ``i``'s id is ``str(i)``, its position in that sequence. ``corpus``: the corpus being mined; a
+    training table holding rows of it gives its queries' positives as rows (``positive_rows``), read as ids
+    and texts only where mining needs them."""
+    return _TrainingQueries(examples, indices, corpus)
 
 
 def build_index(model, corpus: Corpus, folder: Path, batch_size: int | None = None, bf16: bool | None = None,
@@ -249,6 +305,15 @@ class KeyedRows:
         self._vals.extend(int(v) for v in values)
         self._keys.append(int(key))
         self._lens.append(len(self._vals) - before)
+
+    def add_many(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """``add(keys[i], [values[i]])`` for every i, without a Python call per pair."""
+        keys, values = np.asarray(keys, dtype=np.int64), np.asarray(values)
+        if len(keys) != len(values):
+            raise ValueError(f"{len(keys)} keys but {len(values)} values")
+        self._keys.frombytes(keys.tobytes())
+        self._lens.frombytes(np.ones(len(keys), np.int64).tobytes())
+        self._vals.frombytes(values.astype(np.dtype(self._vals.typecode)).tobytes())
 
     def freeze(self, unique: bool = False) -> "KeyedRows":
         keys = np.frombuffer(self._keys, dtype=np.int64) if len(self._keys) else np.empty(0, np.int64)

@@ -13,8 +13,9 @@ the training device) encodes the corpus into a FAISS index and keeps, for every 
 ``hard_per_query`` of them at random. Positives are never negatives: they are excluded by id and by
 text, and the collator masks every copy of a query's positives in the batch.
 
-The mined pool is static by definition (mined once, by the starting model), so it is written by id to
-``<run>/star-hard-negatives.jsonl`` (atomically) and read back by a resumed run (a fresh run mines anew): re-mining there would use the
+The mined pool is static by definition (mined once, by the starting model), so it is written to
+``<run>/star-hard-negatives.jsonl`` (atomically; one ``{"query", "neg_rows"}`` line a query, rows of the corpus
+in file order, which the file's fingerprint pins) and read back by a resumed run (a fresh run mines anew): re-mining there would use the
 resumed weights and change the negatives. Mining itself survives a kill: rows are appended to
 ``star-hard-negatives.jsonl.partial`` as they come, and a re-run of the folder with the same warm-up weights,
 corpus, options and queries keeps them and mines only the rest.
@@ -37,7 +38,8 @@ from pydantic import Field, model_validator
 
 from retriever.data import Corpus, TrainingExample, iter_training_jsonl
 from retriever.negatives.base import NegativeStrategy, StrategyOptions, register_strategy
-from retriever.negatives.corpus_index import IndexOptions, KeyedRows, build_index, corpus_path, text_key, training_queries
+from retriever.negatives.corpus_index import (IndexOptions, KeyedRows, build_index, corpus_path, example_queries,
+                                              text_key, training_queries)
 
 logger = logging.getLogger(__name__)
 POOL_FILE = "star-hard-negatives.jsonl"
@@ -109,18 +111,24 @@ class STARNegatives(NegativeStrategy):
 
         pool, packer = KeyedRows(np.int32), StringPacker()
         seen = self._read_mined(examples, pool, packer) if self.options.mined else set()
-        missing = []
-        for i, ex in enumerate(examples):
-            key = text_key(ex.query)
-            if key not in seen and not ex.negatives:
+        missing, missing_keys = [], set()
+        for i, (query, has_negatives) in enumerate(example_queries(examples)):
+            key = text_key(query)
+            if key not in seen and not has_negatives:
                 missing.append(i)
+                missing_keys.add(key)
                 seen.add(key)  # one mining query per distinct query text
         if self.options.hard_per_query and missing:
             pool_file = Path(work_dir) / POOL_FILE
             if resuming and pool_file.exists():  # a fresh run over an old folder mines anew
-                self._load_pool(pool_file, {text_key(examples[i].query) for i in missing}, pool)
+                self._load_pool(pool_file, missing_keys, pool)
             else:
                 self._mine(examples, missing, model, Path(work_dir) / "star-warmup-index", device, pool_file, pool)
+                # the warm-up index (1.2x the fp16 matrix) is freed, but glibc keeps its many list buffers
+                # in the heap: hand them back before hours of training (measured at 8.8M: 1.2 GB kept)
+                from retriever.memory import release_freed_memory
+
+                release_freed_memory()
         self.pool = pool.freeze()
         self._texts = packer.freeze() if len(packer) else None
         logger.info("STAR: hard-negative pools of %d queries, %d refs in %.1f MiB", len(self.pool),
@@ -147,6 +155,7 @@ class STARNegatives(NegativeStrategy):
                     for t, r in zip(ex.negatives, rows) if text_key(t.strip()) not in own]
             pool.add(text_key(ex.query), refs)
             found.add(text_key(ex.query))
+        self.corpus.release_pages()  # the file's negatives were looked up by id
         return found
 
     def _load_pool(self, path: Path, wanted: set[int] | None, pool: KeyedRows) -> int:
@@ -156,21 +165,26 @@ class STARNegatives(NegativeStrategy):
         with open(path, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
                 try:
-                    row = json.loads(line)
-                    query, ids = row["query"], row["neg_ids"]
-                except (ValueError, KeyError) as exc:
+                    key, rows = self._pool_rows(json.loads(line))
+                except (ValueError, KeyError, TypeError) as exc:
                     raise ValueError(f"{path}:{lineno}: not a STAR pool line ({exc}); delete the file to mine "
                                      "again with the starting model") from None
-                key = text_key(query)
                 if wanted is None or key in wanted:
-                    rows = self.corpus.rows(ids)
-                    if (rows < 0).any():
-                        raise ValueError(f"{path}:{lineno}: ids not in {self.corpus.path}; delete the file to mine "
-                                         "again with the starting model")
+                    if len(rows) and (rows.min() < 0 or rows.max() >= len(self.corpus)):
+                        raise ValueError(f"{path}:{lineno}: negatives not in {self.corpus.path}; delete the file to "
+                                         "mine again with the starting model")
                     pool.add(key, rows)
                     n += 1
         logger.info("STAR: read the mined pool of %d queries from %s", n, path)
         return n
+
+    def _pool_rows(self, row: dict) -> tuple[int, np.ndarray]:
+        """A pool line's query key and corpus rows: ``neg_rows`` (written since 2026-12-07) or ``neg_ids``."""
+        key = text_key(row["query"])
+        if "neg_rows" in row:
+            return key, np.asarray(row["neg_rows"], dtype=np.int64).reshape(-1)
+        rows = self.corpus.rows(row["neg_ids"])
+        return key, np.where(rows < 0, len(self.corpus), rows)  # an unknown id fails the range check
 
     def _mine(self, examples, indices: list[int], model, folder: Path, device, pool_file: Path | None,
               pool: KeyedRows) -> None:
@@ -203,9 +217,10 @@ class STARNegatives(NegativeStrategy):
             "corpus": [str(Path(self.corpus.path).resolve()), stat.st_size, stat.st_mtime_ns, len(self.corpus)],
             "mining": {"range_min": self.options.range_min, "range_max": self.options.range_max,
                        "mine_pool": self.options.mine_pool, "index": self.options.index.model_dump(mode="json")},
-            # the queries and their positives (mining drops a query's positives from its pool)
+            # the queries and their positives (mining drops a query's positives from its pool): corpus rows
+            # where the examples hold them (no passage read for 503k queries), else ids or texts
             "queries": [len(indices), fingerprint_texts(lambda: (
-                f"{ex.query}\t{'|'.join(ex.positive_ids or ex.positives)}" for ex in map(examples.__getitem__, indices)))],
+                f"{q.text}\t{_positives_signature(q)}" for q in training_queries(examples, indices, self.corpus)))],
         }
         rank, world = _rank_world()
         mined_before = pool_file is not None and ResumableJsonl(pool_file, fingerprint, done_marker=True).finished() is not None
@@ -268,8 +283,8 @@ class STARNegatives(NegativeStrategy):
             whole = out.complete_rows() // config.query_batch_size * config.query_batch_size
             done = set()
             for row in out.kept_rows(limit=whole):
-                key = text_key(row["query"])
-                pool.add(key, self.corpus.rows(row["neg_ids"]))
+                key, rows = self._pool_rows(row)
+                pool.add(key, rows)
                 done.add(key)
             if done:
                 logger.info("STAR: %d of %d queries were mined by the interrupted run in %s; mining the rest",
@@ -289,12 +304,13 @@ class STARNegatives(NegativeStrategy):
         if out is not None:
             out.open()
         try:
-            for mined in mine(training_queries(examples, indices), self.corpus, DenseRetriever(dense, warmup), config):
-                ids = list(mined.negative_ids)
-                rows = mined.negative_rows if mined.negative_rows is not None else self.corpus.rows(ids)
+            queries = training_queries(examples, indices, self.corpus)
+            for mined in mine(queries, self.corpus, DenseRetriever(dense, warmup), config):
+                rows = mined.negative_rows if mined.negative_rows is not None \
+                    else self.corpus.rows(list(mined.negative_ids))
                 pool.add(text_key(mined.query.text), rows)
-                if out is not None:
-                    out.write({"query": mined.query.text, "neg_ids": ids})
+                if out is not None:  # rows: writing ids would read 100 id strings a query, at random over 8.8M
+                    out.write({"query": mined.query.text, "neg_rows": rows.tolist()})
                 self.mined_up_front += 1
         except BaseException:
             if out is not None:
@@ -349,6 +365,12 @@ def _wait_for_all_ranks() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _positives_signature(q) -> str:
+    if q.positive_rows is not None:
+        return "rows:" + "|".join(map(str, q.positive_rows.tolist()))
+    return "|".join(q.positive_ids or q.positive_texts or ())
 
 
 def _every_rank(flag: bool) -> bool:
