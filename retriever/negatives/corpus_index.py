@@ -136,13 +136,12 @@ class _TrainingQueries(Sequence):
     asks (503k MS MARCO queries never all hold their positive passages at once)."""
 
     def __init__(self, examples: Sequence[TrainingExample], indices: Sequence[int] | None, corpus: Corpus | None):
-        from retriever.example_table import ExampleTable, ExampleView
-
         self.examples = examples
         self.indices = indices
         # a table of rows of the corpus being mined: its queries carry positive rows, not ids and texts
-        base = examples.base if isinstance(examples, ExampleView) else examples
-        self._table = base if isinstance(base, ExampleTable) and _same_corpus(base.corpus, corpus) else None
+        table, rows = _table_rows(examples)
+        same = table is not None and _same_corpus(table.corpus, corpus)
+        self._table, self._rows = (table, rows) if same else (None, None)
 
     def __len__(self) -> int:
         return len(self.examples) if self.indices is None else len(self.indices)
@@ -152,9 +151,7 @@ class _TrainingQueries(Sequence):
 
         j = i if self.indices is None else int(self.indices[i])
         if self._table is not None:
-            from retriever.example_table import ExampleView
-
-            t = int(self.examples.rows[j]) if isinstance(self.examples, ExampleView) else j
+            t = int(self._rows[j])
             refs = self._table.pos_rows[self._table.pos_ptr[t]:self._table.pos_ptr[t + 1]]
             if len(refs) and bool((refs >= 0).all()):  # inline-text positives take the general path
                 return TrainingQuery(str(i), self._table.queries[t], None, None, np.asarray(refs, dtype=np.int64))
@@ -172,15 +169,23 @@ class _TrainingQueries(Sequence):
         return self._one(i)
 
 
-def example_queries(examples: Sequence[TrainingExample]) -> Iterator[tuple[str, bool]]:
-    """``(query text, has negatives)`` of every example. A training table answers from its arrays: building
-    each example would read its passages' texts and ids (503k random reads over 8.8M passages)."""
+def _table_rows(examples: Sequence[TrainingExample]):
+    """``(table, its rows in the examples' order)`` when ``examples`` is a training table or a view of one,
+    else ``(None, None)``: readers that can answer from the table's arrays without building examples."""
     from retriever.example_table import ExampleTable, ExampleView
 
     base = examples.base if isinstance(examples, ExampleView) else examples
-    if isinstance(base, ExampleTable):
-        rows = examples.rows.tolist() if isinstance(examples, ExampleView) else range(len(base))
-        for t in rows:
+    if not isinstance(base, ExampleTable):
+        return None, None
+    return base, (examples.rows if isinstance(examples, ExampleView) else np.arange(len(base)))
+
+
+def example_queries(examples: Sequence[TrainingExample]) -> Iterator[tuple[str, bool]]:
+    """``(query text, has negatives)`` of every example. A training table answers from its arrays: building
+    each example would read its passages' texts and ids (503k random reads over 8.8M passages)."""
+    base, rows = _table_rows(examples)
+    if base is not None:
+        for t in rows.tolist():
             yield base.queries[t], bool(base.neg_ptr[t + 1] > base.neg_ptr[t])
         return
     for ex in examples:
@@ -191,12 +196,9 @@ def example_positives(examples: Sequence[TrainingExample], corpus: Corpus) -> It
     """``(query, positive corpus rows, positive texts not given as rows)`` of every example. A training table
     of ``corpus`` answers from its arrays (no passage is read); other examples give their positives' ids as
     rows (unknown ids dropped) and every positive text."""
-    from retriever.example_table import ExampleTable, ExampleView
-
-    base = examples.base if isinstance(examples, ExampleView) else examples
-    if isinstance(base, ExampleTable) and _same_corpus(base.corpus, corpus):
-        rows = examples.rows.tolist() if isinstance(examples, ExampleView) else range(len(base))
-        for t in rows:
+    base, rows = _table_rows(examples)
+    if base is not None and _same_corpus(base.corpus, corpus):
+        for t in rows.tolist():
             refs = base.pos_rows[base.pos_ptr[t]:base.pos_ptr[t + 1]]
             yield (base.queries[t], np.asarray(refs[refs >= 0], dtype=np.int64),
                    [base.texts[-int(v) - 1] for v in refs[refs < 0]])
