@@ -16,7 +16,7 @@ protocol continues where it stopped in a later session on another machine. Every
 fp32, the one precision every CPU computes natively (bf16 runs would not be comparable with fp32 ones, and
 the machine changes between sessions); each result records the machine it ran on.
 
-    .venv/bin/python bench/ablation_protocol.py [--work runs/ablation-protocol] [--phase dev|test|report]
+    .venv/bin/python bench/ablation_protocol.py [--work runs/ablation-protocol] [--phase dev|train-ahead|test|report]
         [--arms ARM ...]
 
 ``--arms`` runs only those arms' runs (in protocol order), so that two drivers can share a machine, each on
@@ -140,6 +140,8 @@ class Runner:
             timing = {"train_s": None, "train_s_note": "resumed from a checkpoint or a final model of an earlier "
                       f"session ({', '.join(p.name for p in ab.RESUMED)}): training time not measured in one piece"}
         scores = ab.evaluate(model_dir, self.dev, with_test=with_test, per_query=with_test)
+        if done is not None and "dev" in done:  # the dev score the choice was made on stays the record: a
+            scores["dev"] = done["dev"]  # re-encoding on another CPU can differ in the last digits and flip a tie
         self._written.add(k)
         self.results[k] = {**scores, "arm": arm, "lr": lr, "star_lr": star_lr, "seed": seed, **timing,
                            "wall_s": time.perf_counter() - t0, "machine": machine(),
@@ -154,6 +156,18 @@ class Runner:
                 if arm == "star-adore":
                     self.refresh()  # its STAR stage takes the star arm's dev choice
                 self.run(arm, lr, PROTOCOL["tuning_seed"], with_test=False)
+
+    def phase_train_ahead(self, arms: list[str] | None = None) -> None:
+        """Train the other seeds of every arm whose dev choice is made, scoring dev only, while other arms'
+        phase 1 still runs (amendment of 2026-12-07, seventh session): phase 2 then only scores test. No
+        test split is encoded or read here, so the test-once rule is untouched."""
+        self.refresh()
+        for arm in _ordered(arms):
+            if any(key(arm, lr, PROTOCOL["tuning_seed"]) not in self.results for lr in PROTOCOL["grid"]):
+                print(f"{arm}: dev choice not made yet, skipped", flush=True)
+                continue
+            for seed in PROTOCOL["seeds"]:
+                self.run(arm, self.chosen(arm), seed, with_test=False)
 
     def phase_test(self, arms: list[str] | None = None) -> None:
         self.refresh()
@@ -246,7 +260,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ab.ROOT / "runs" / "ablation-protocol")
     parser.add_argument("--results", type=Path, default=ab.ROOT / "bench" / "results" / "ablation-protocol" / "results.json",
                         help="every finished run, kept under version control so the protocol spans sessions")
-    parser.add_argument("--phase", choices=["dev", "test", "report", "all"], default="all")
+    parser.add_argument("--phase", choices=["dev", "train-ahead", "test", "report", "all"], default="all",
+                        help="train-ahead: train the other seeds of arms whose dev choice is made (dev scored only)")
     parser.add_argument("--output", type=Path, default=ab.ROOT / "bench" / "results" / "ablation_protocol.md")
     parser.add_argument("--arms", nargs="+", default=None, choices=ORDER,
                         help="run only these arms (another driver may run the others at the same time)")
@@ -256,6 +271,8 @@ def main() -> None:
     runner = Runner(args.work, args.results)
     if args.phase in ("dev", "all"):
         runner.phase_dev(args.arms)
+    if args.phase == "train-ahead":
+        runner.phase_train_ahead(args.arms)
     if args.phase in ("test", "all"):
         runner.phase_test(args.arms)
     if args.phase in ("report", "all"):

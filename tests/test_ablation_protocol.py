@@ -166,3 +166,51 @@ def test_a_run_resumed_from_a_checkpoint_keeps_its_score_but_not_a_partial_train
     assert ap.PROTOCOL["checkpoint_every"] and ab.base_config("inbatch", 42)["training"].get("save_every") is None
     monkeypatch.setattr(ab, "CHECKPOINT_EVERY", ap.PROTOCOL["checkpoint_every"])
     assert ab.base_config("inbatch", 42)["training"]["save_every"] == ap.PROTOCOL["checkpoint_every"]
+
+
+def test_training_ahead_scores_no_test_and_phase_two_keeps_its_training_time(tmp_path, monkeypatch):
+    """`--phase train-ahead` trains the other seeds of the arms whose dev choice is made, scoring dev only;
+    phase 2 then scores test for those models and keeps the training time measured ahead."""
+    import ablation_scifact as ab
+
+    grid = ap.PROTOCOL["grid"]
+    runner = ap.Runner.__new__(ap.Runner)
+    runner.path, runner._written, runner.work = tmp_path / "results.json", set(), tmp_path
+    runner.train_examples, runner.dev = [], []
+    runner.results = {"_setup": {"precision": "fp32"}}
+    for arm in ap.ORDER:
+        for lr in grid:
+            if not (arm == "ar2" and lr == grid[-1]):  # ar2's dev sweep is still running
+                runner.results[ap.key(arm, lr, 42)] = {"dev": {"ndcg@10": 0.7 + (0.01 if lr == grid[1] else 0)},
+                                                       "train_s": 5.0}
+    runner.path.write_text(json.dumps(runner.results))  # as phase 1's drivers saved it
+    trained, scored = [], []
+
+    def run_arm(arm, work, examples, seed, lr, epochs, star_lr):
+        if (arm, seed) in trained:
+            ab.RESUMED.append(work / arm)  # the final model is there: nothing trains again
+        trained.append((arm, seed))
+        return "model", 100.0 + seed
+
+    def evaluate(model_dir, dev, with_test, per_query):
+        scored.append(with_test)
+        return {"dev": {"ndcg@10": 0.7}, **({"test": {"ndcg@10": 0.6}} if with_test else {})}
+
+    monkeypatch.setattr(ab, "run_arm", run_arm)
+    monkeypatch.setattr(ab, "evaluate", evaluate)
+    monkeypatch.setattr(ap, "machine", lambda: "cpu x")
+    runner.phase_train_ahead(["star", "ar2"])
+    assert trained == [("star", 43), ("star", 44)] and scored == [False, False]  # seed 42 ran in phase 1; ar2 waits
+    ahead = runner.results[ap.key("star", grid[1], 43)]
+    assert "test" not in ahead and ahead["train_s"] == 143.0
+    saved = json.loads(runner.path.read_text())
+    saved[ap.key("ar2", grid[-1], 42)] = {"dev": {"ndcg@10": 0.6}, "train_s": 5.0}  # ar2's driver finished
+    runner.path.write_text(json.dumps(saved))
+    monkeypatch.setattr(ab, "RESUMED", [])
+    runner.phase_test(["star"])
+    assert scored[2:] == [True, True, True, True] and trained[2:] == [("zero-shot", 0), ("star", 42), ("star", 43), ("star", 44)]
+    done = runner.results[ap.key("star", grid[1], 43)]
+    assert done["test"] == {"ndcg@10": 0.6} and done["train_s"] == 143.0 and "train_s_note" not in done
+    phase_one = runner.results[ap.key("star", grid[1], 42)]
+    assert phase_one["train_s"] == 5.0  # phase 1's time, not the re-score's
+    assert phase_one["dev"] == {"ndcg@10": 0.71}  # the score the choice was made on: a re-score cannot flip it
