@@ -47,3 +47,44 @@ def release_mapped_pages(*arrays) -> None:
             handle.madvise(mmap.MADV_DONTNEED)
         except (OSError, ValueError):  # a closed map, or a platform without it: nothing held
             pass
+
+
+def file_mappings(path) -> list[tuple[int, int]]:
+    """``(start, length)`` of this process's memory mappings of ``path`` (Linux ``/proc/self/maps``;
+    empty elsewhere). For maps made by a library (FAISS's memory-mapped index) that numpy cannot see."""
+    import os
+
+    target = os.path.realpath(path)
+    out = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].rstrip("\n") == target:
+                    start, end = (int(v, 16) for v in parts[0].split("-"))
+                    out.append((start, end - start))
+    except OSError:
+        pass
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+def release_file_pages(ranges) -> None:
+    """:func:`release_mapped_pages` for mappings given as ``(start, length)`` (:func:`file_mappings`).
+    Only for read-only file maps: their pages stay in the page cache and map again when read."""
+    import mmap
+
+    fn = _madvise()
+    if fn is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    for start, length in ranges:
+        fn(start, length, mmap.MADV_DONTNEED)

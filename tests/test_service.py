@@ -1,8 +1,10 @@
 """The mining service: answers, request validation, checkpoint-driven refresh with an atomic swap,
 and the HTTP server + client under concurrent load while a refresh runs."""
 
+import contextlib
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -245,13 +247,28 @@ def test_k_over_the_index_max_k_is_a_400(env, tmp_path, monkeypatch):
     svc.close()
 
 
+def _resident_kib(path: str) -> int:
+    """KiB of this process's resident pages mapped from ``path`` (Linux smaps; 0 elsewhere)."""
+    import re
+
+    total, current = 0, ""
+    with contextlib.suppress(OSError), open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = re.match(r"^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \d+\s*(.*)$", line)
+            if head:
+                current = head.group(1).strip()
+            elif line.startswith("Rss:") and current == path:
+                total += int(line.split()[1])
+    return total
+
+
 def test_refresh_holds_one_full_index_in_private_memory(env, tmp_path, monkeypatch):
     """While the next version is built, the serving version is the same index memory-mapped from its
     file (its private copy released, same answers); the built index is served as built, not re-read."""
     import gc
     import weakref
 
-    from index.faiss_index import DenseIndex
+    from index.faiss_index import INDEX_FILE, DenseIndex
 
     svc = MiningService(env["index"], env["model"], corpus=env["data"], work_dir=tmp_path / "versions")
     before = svc.mine(["faiss index negatives"], k=30)[0].negatives
@@ -265,6 +282,9 @@ def test_refresh_holds_one_full_index_in_private_memory(env, tmp_path, monkeypat
         seen["mapped"] = getattr(svc._current.index, "memory_mapped", False)
         [res] = svc.mine(["faiss index negatives"], k=30)
         seen["answer"] = (res.version, res.negatives)
+        mapped_file = str(Path(svc._current.index.folder).resolve() / INDEX_FILE)
+        seen["ranges"] = svc._current.index.mapped_ranges
+        seen["resident_kib"] = _resident_kib(mapped_file)
         return build(cls, *args, **kwargs)
 
     def no_reload(*args, **kwargs):
@@ -274,6 +294,7 @@ def test_refresh_holds_one_full_index_in_private_memory(env, tmp_path, monkeypat
     monkeypatch.setattr(DenseIndex, "load", classmethod(no_reload))
     assert svc.refresh(env["root"] / "run" / "checkpoints" / "step-100" / "model", block=True) is True
     assert seen["old_released"] and seen["mapped"]
+    assert seen["ranges"] and seen["resident_kib"] == 0  # the search's pages of the old file were unmapped
     assert seen["answer"][0] == 1 and [n.doc_id for n in seen["answer"][1]] == [n.doc_id for n in before]
     assert [n.score for n in seen["answer"][1]] == pytest.approx([n.score for n in before], abs=1e-6)
     assert svc.version == 2 and not getattr(svc._current.index, "memory_mapped", False)
