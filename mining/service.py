@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mining.filters import FILTER_NAMES, filter_candidates, positive_mask, sample_negatives
 from mining.miner import RowIds, _rows_are_corpus_rows, encode_texts
-from retriever.memory import file_mappings, release_file_pages
+from retriever.memory import release_file_pages
 from retriever.offset_index import text_key
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ def memory_mapped_copy(dense):
         if index.ntotal == dense.count and index.d == dense.dim:
             mapped = DenseIndex(index, dense.ids, dict(dense.manifest), dense.folder)
             mapped.memory_mapped = True
-            mapped.mapped_ranges = file_mappings(path)
+            mapped.mapped_file = str(path)
             return mapped
     return None
 
@@ -354,7 +354,7 @@ class MiningService:
             # the old version is served from its file while the next is built: a search maps 2 MiB folios of
             # it at a time, and over a build's minutes they would add the whole old index to the process's
             # RSS beside the new one (8.8M passages: ~1.2 GB each). Unmap them; the page cache keeps them.
-            release_file_pages(getattr(state.index, "mapped_ranges", ()))
+            release_file_pages(state.index.mapped_file)
         ids = state.index.ids
         rng = np.random.default_rng(req.seed)
         range_max = req.range_max if req.range_max is not None else req.k

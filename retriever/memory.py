@@ -50,8 +50,9 @@ def release_mapped_pages(*arrays) -> None:
 
 
 def file_mappings(path) -> list[tuple[int, int]]:
-    """``(start, length)`` of this process's memory mappings of ``path`` (Linux ``/proc/self/maps``;
-    empty elsewhere). For maps made by a library (FAISS's memory-mapped index) that numpy cannot see."""
+    """``(start, length)`` of this process's read-only memory mappings of ``path`` now (Linux
+    ``/proc/self/maps``; empty elsewhere). For maps made by a library (FAISS's memory-mapped index) that
+    numpy cannot see."""
     import os
 
     target = os.path.realpath(path)
@@ -60,7 +61,7 @@ def file_mappings(path) -> list[tuple[int, int]]:
         with open("/proc/self/maps") as fh:
             for line in fh:
                 parts = line.split(None, 5)
-                if len(parts) == 6 and parts[5].rstrip("\n") == target:
+                if len(parts) == 6 and "w" not in parts[1] and parts[5].rstrip("\n") == target:
                     start, end = (int(v, 16) for v in parts[0].split("-"))
                     out.append((start, end - start))
     except OSError:
@@ -78,13 +79,14 @@ def _madvise():
     return fn
 
 
-def release_file_pages(ranges) -> None:
-    """:func:`release_mapped_pages` for mappings given as ``(start, length)`` (:func:`file_mappings`).
-    Only for read-only file maps: their pages stay in the page cache and map again when read."""
+def release_file_pages(path) -> None:
+    """:func:`release_mapped_pages` for every read-only map of the file ``path`` (a map made by a library):
+    its pages stay in the page cache and map again when read. The maps are looked up at each call (~1-3 ms),
+    never remembered, so an address range unmapped and reused since is never touched."""
     import mmap
 
     fn = _madvise()
     if fn is None or not hasattr(mmap, "MADV_DONTNEED"):
         return
-    for start, length in ranges:
+    for start, length in file_mappings(path):
         fn(start, length, mmap.MADV_DONTNEED)

@@ -269,6 +269,7 @@ def test_refresh_holds_one_full_index_in_private_memory(env, tmp_path, monkeypat
     import weakref
 
     from index.faiss_index import INDEX_FILE, DenseIndex
+    from retriever.memory import file_mappings
 
     svc = MiningService(env["index"], env["model"], corpus=env["data"], work_dir=tmp_path / "versions")
     before = svc.mine(["faiss index negatives"], k=30)[0].negatives
@@ -283,7 +284,7 @@ def test_refresh_holds_one_full_index_in_private_memory(env, tmp_path, monkeypat
         [res] = svc.mine(["faiss index negatives"], k=30)
         seen["answer"] = (res.version, res.negatives)
         mapped_file = str(Path(svc._current.index.folder).resolve() / INDEX_FILE)
-        seen["ranges"] = svc._current.index.mapped_ranges
+        seen["ranges"] = file_mappings(mapped_file)
         seen["resident_kib"] = _resident_kib(mapped_file)
         return build(cls, *args, **kwargs)
 
