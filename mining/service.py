@@ -121,6 +121,9 @@ class MineResult:
     texts: list[str] | None = None
     positive_score: float | None = None
     dropped: dict[str, int] = field(default_factory=dict)
+    # the negatives' corpus rows, when the index rows are the service corpus's rows (in-process answers
+    # only: an in-process caller on the same corpus then needs no id -> row lookup; HTTP answers carry ids)
+    rows: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"version": self.version, "query_id": self.query_id, "query": self.query,
@@ -389,7 +392,8 @@ class MiningService:
                     raise MiningRequestError("with_texts needs the service to know the corpus (start it with --corpus)")
                 doc_texts = [self.corpus.get(neg.doc_id).full_text for neg in negs]
             results.append(MineResult(state.version, negs, qids[i] if qids else None, texts[i], doc_texts,
-                                      pos_scores[i], {k: v for k, v in filt.dropped.items() if k in FILTER_NAMES}))
+                                      pos_scores[i], {k: v for k, v in filt.dropped.items() if k in FILTER_NAMES},
+                                      rows=cand.rows[chosen] if by_row else None))
         return results
 
     def _excluded_rows(self, rows: np.ndarray, range_max: int, exclude_ids: set[str], positive_ids: list[str],

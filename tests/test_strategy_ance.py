@@ -70,7 +70,11 @@ def test_served_negatives_are_the_exact_top_k_of_the_snapshot_that_tags_them(min
     served = []
     mine = strategy.mine
 
+    def refuse(*args, **kwargs):
+        raise AssertionError("the in-process service answers with rows: no id -> row lookup is needed")
+
     def recording_mine(examples):
+        strategy.corpus.rows = refuse
         answer = mine(examples)
         served.extend((q, version, strategy.corpus.texts(rows)) for q, (version, rows) in answer.items())
         return answer
