@@ -217,8 +217,9 @@ class ANCENegatives(NegativeStrategy):
             same = getattr(self.service, "corpus", None) is not None and _same_corpus(self.service.corpus, self.corpus)
             for query, res in zip(chunk, results):
                 # the in-process service answers with rows of the same corpus file: no id -> row lookups
-                # (at 8.8M they kept the id maps' pages resident, ~270 MiB)
-                rows = res.rows if same and res.rows is not None else self.corpus.rows([n.doc_id for n in res.negatives])
+                # (at 8.8M they kept the id maps resident, 67 MiB a file, seen in smaps of the running stage)
+                rows = res.rows if same and res.rows is not None \
+                    else self.corpus.rows([n.doc_id for n in res.negatives])
                 out[query] = (res.version, rows.astype(np.int32 if len(self.corpus) < 2**31 else np.int64))
         return out
 
