@@ -257,17 +257,11 @@ class OffsetIndex:
         keys = np.fromiter((text_key(t) for t in texts()), dtype=np.int64, count=len(self))
         if path is None:
             return keys
-        fd, tmp = tempfile.mkstemp(prefix=".text_keys.", suffix=".npy", dir=self.folder)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, keys)
-            os.replace(tmp, path)
+            return _save_mapped(path, keys)
         except OSError as exc:  # read-only cache: keep them in memory
             logger.warning("cannot cache the text keys under %s (%s)", self.folder, exc)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
             return keys
-        return np.load(path, mmap_mode="r")
 
     # ------------------------------------------------------------------ open / build
     @classmethod
@@ -379,20 +373,19 @@ def _cached_line_ends(path: Path, size: int) -> np.ndarray | None:
 def _cache_line_ends(path: Path, ends: np.ndarray) -> np.ndarray:
     """Save ``ends`` beside ``path`` (atomically) and return them memory-mapped; in memory when the folder is
     read-only."""
-    cached = _line_ends_path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{cached.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, ends)
-            os.replace(tmp, cached)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return np.load(cached, mmap_mode="r")
+        return _save_mapped(_line_ends_path(path), ends)
     except OSError:
         return ends
+
+
+def _save_mapped(path: Path, array: np.ndarray) -> np.ndarray:
+    """Save ``array`` as ``path`` (.npy, atomically) and return it memory-mapped from there."""
+    from retriever.io import atomic_write
+
+    with atomic_write(path) as fh:
+        np.save(fh, array)
+    return np.load(path, mmap_mode="r")
 
 
 def line_offsets(path: Path) -> np.ndarray:
